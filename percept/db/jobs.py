@@ -1,0 +1,162 @@
+"""Job rows: creation, listing, and the lifecycle transitions workers and the sweeper make.
+
+Every transition is one conditional UPDATE, so two workers (a redelivered or duplicated message)
+can never both run a job, and a worker whose lease was taken back cannot write a result.
+"""
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from percept.db.models import Job, JobStatus
+
+PENDING = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+
+def child_ids(session: Session, job_id: str) -> list[str]:
+    return list(session.scalars(select(Job.id).where(Job.parent_id == job_id).order_by(Job.id)))
+
+
+def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key,
+                                            Job.created_at > func.now() - timedelta(hours=24)))
+
+
+def count_pending(session: Session, tenant_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(Job)
+                          .where(Job.tenant_id == tenant_id, Job.status.in_(PENDING))) or 0
+
+
+def list_jobs(session: Session, tenant_id: str, *, kind: str | None = None, status: str | None = None,
+              model: str | None = None, q: str | None = None, limit: int = 50,
+              before_id: str | None = None) -> list[Job]:
+    """Newest first; `before_id` is the cursor (ids sort by creation time)."""
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if kind:
+        query = query.where(Job.kind == kind)
+    if status:
+        query = query.where(Job.status == JobStatus(status))
+    if model:
+        query = query.where(or_(Job.model_name == model, Job.model_name.startswith(model + ":")))
+    if q:
+        escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(Job.search_text.ilike(f"%{escaped}%"))
+    if before_id:
+        query = query.where(Job.id < before_id)
+    return list(session.scalars(query.order_by(Job.id.desc()).limit(limit)))
+
+
+def claim(session: Session, job_id: str, worker: str) -> Job | None:
+    """queued -> running, attempt + 1. None when the job is not queued (done, running, canceled)."""
+    return session.scalar(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False))
+        .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker,
+                started_at=func.coalesce(Job.started_at, func.now()), heartbeat_at=func.now())
+        .returning(Job))
+
+
+def heartbeat(session: Session, job_ids: list[str], worker: str) -> None:
+    session.execute(update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.RUNNING,
+                                      Job.worker == worker).values(heartbeat_at=func.now()))
+
+
+def set_progress(session: Session, job_id: str, attempt: int, progress: dict[str, Any]) -> bool:
+    """Record progress; False when the job was canceled meanwhile (stop at this step boundary)."""
+    row = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
+        .values(progress=progress, heartbeat_at=func.now())
+        .returning(Job.cancel_requested)).first()
+    return row is not None and not row.cancel_requested
+
+
+def finish(session: Session, job_id: str, attempt: int, status: JobStatus, *,
+           output: dict[str, Any] | None = None, error: dict[str, Any] | None = None,
+           provenance: dict[str, Any] | None = None, search_text: str | None = None) -> JobStatus | None:
+    """running -> terminal, only for the attempt that holds the job. A success whose cancel was requested
+    meanwhile ends canceled (the last step boundary). Returns the status written; None: another attempt
+    owns the job now."""
+    assert status.is_terminal()
+    holds = (Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
+    values: dict[str, Any] = {"status": status, "output": output, "error": error, "finished_at": func.now(),
+                              "search_text": search_text, "progress": {"done": 1, "total": 1}}
+    if provenance is not None:
+        values["provenance"] = provenance
+    if status is JobStatus.SUCCEEDED:
+        done = session.execute(update(Job).where(*holds, Job.cancel_requested.is_(False)).values(**values))
+        if done.rowcount == 1:
+            return status
+        status = JobStatus.CANCELED
+        values |= {"status": status, "output": None, "search_text": None,
+                   "error": {"code": "canceled", "message": "The job was canceled while it ran."}}
+    if status is not JobStatus.SUCCEEDED:
+        del values["progress"]  # keep the progress the job had reached
+    result = session.execute(update(Job).where(*holds).values(**values))
+    return status if result.rowcount == 1 else None
+
+
+def release(session: Session, job_id: str, attempt: int) -> bool:
+    """running -> queued, for a retryable failure: the job will be sent again."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
+        .values(status=JobStatus.QUEUED, queued_at=func.now(), worker=None))
+    return result.rowcount == 1
+
+
+def cancel(session: Session, job: Job) -> Job:
+    """queued -> canceled at once; running -> flagged, the worker stops at its next step boundary."""
+    session.execute(
+        update(Job).where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELED, cancel_requested=True, finished_at=func.now(),
+                error={"code": "canceled", "message": "The job was canceled before it started."}))
+    session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING)
+                    .values(cancel_requested=True))
+    session.refresh(job)
+    return job
+
+
+def fail_unsent(session: Session, job_id: str, message: str) -> None:
+    """The broker refused the job: cancel it so a late delivery does not run what the client was told failed."""
+    session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+                    .values(status=JobStatus.CANCELED, cancel_requested=True, finished_at=func.now(),
+                            error={"code": "broker_unavailable", "message": message}))
+
+
+def take_stale_queued(session: Session, older_than: datetime, limit: int = 500) -> list[Job]:
+    """Queued jobs not sent for a while (a crash between commit and send): mark them re-sent."""
+    jobs = list(session.scalars(
+        select(Job).where(Job.status == JobStatus.QUEUED, Job.queued_at < older_than)
+        .order_by(Job.queued_at).limit(limit).with_for_update(skip_locked=True)))
+    for job in jobs:
+        job.queued_at = func.now()
+    return jobs
+
+
+def take_expired_running(session: Session, heartbeat_before: datetime, max_attempts: int,
+                         limit: int = 500) -> tuple[list[Job], list[Job]]:
+    """Running jobs whose worker stopped beating (killed): back to queued, or ended (canceled, or
+    failed after max attempts). Returns (requeued, ended)."""
+    jobs = list(session.scalars(
+        select(Job).where(Job.status == JobStatus.RUNNING, Job.heartbeat_at < heartbeat_before)
+        .limit(limit).with_for_update(skip_locked=True)))
+    requeued, ended = [], []
+    for job in jobs:
+        if job.cancel_requested:
+            job.status, job.finished_at = JobStatus.CANCELED, func.now()
+            job.error = {"code": "canceled", "message": "The job was canceled while it ran."}
+            ended.append(job)
+        elif job.attempts >= max_attempts:
+            job.status, job.finished_at = JobStatus.FAILED, func.now()
+            job.error = {"code": "worker_lost",
+                         "message": f"The worker running this job was lost {job.attempts} times; giving up."}
+            ended.append(job)
+        else:
+            job.status, job.queued_at, job.worker = JobStatus.QUEUED, func.now(), None
+            requeued.append(job)
+    return requeued, ended

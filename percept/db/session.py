@@ -1,0 +1,47 @@
+"""Engines and sessions. One engine per database URL per process, created on first use."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from percept.errors import DependencyUnavailable
+
+
+@lru_cache(maxsize=8)
+def get_engine(url: str) -> Engine:
+    return create_engine(
+        url,
+        pool_pre_ping=True,  # a restarted database must not leave dead connections in the pool
+        pool_size=10,
+        max_overflow=20,
+        pool_timeout=5,
+        connect_args={"connect_timeout": 3},
+    )
+
+
+@lru_cache(maxsize=8)
+def _session_factory(url: str) -> sessionmaker[Session]:
+    return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A session whose caller commits; rolled back on error. Connection failures become 503s."""
+    session = _session_factory(url)()
+    try:
+        yield session
+    except (OperationalError, DBAPIError) as exc:
+        session.rollback()
+        if isinstance(exc, OperationalError) or exc.connection_invalidated:
+            raise DependencyUnavailable("The database is unreachable; retry shortly.",
+                                        code="database_unavailable") from exc
+        raise
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

@@ -1,0 +1,33 @@
+"""Tenants and their API keys. Keys are shown once and stored as sha256 hashes."""
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from percept.db.ids import new_id
+from percept.db.models import ApiKey, Tenant
+
+KEY_PREFIX = "pk_"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(session: Session, tenant_name: str) -> tuple[Tenant, str]:
+    """A new key for the tenant of that name (created if new). Returns the key in clear, once."""
+    tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
+    if tenant is None:
+        tenant = Tenant(id=new_id("ten"), name=tenant_name)
+        session.add(tenant)
+        session.flush()
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(id=new_id("key"), tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:10]))
+    return tenant, key
+
+
+def tenant_id_for_key(session: Session, key: str) -> str | None:
+    return session.scalar(
+        select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))

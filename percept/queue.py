@@ -1,0 +1,113 @@
+"""Queue names, task names and the payload contract shared by the gateway and the workers.
+
+The gateway sends tasks **by name** with the job id only; it never imports a worker's task module.
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import redis
+from celery import Celery
+from kombu import Exchange, Queue
+
+from percept.errors import DependencyUnavailable
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """A kind of job: the queue that carries it and the task that runs it."""
+
+    name: str
+    queue: str
+    task: str
+    # Fans out into child jobs (a grid): only these need their children listed.
+    has_children: bool = False
+
+
+CLASSIFY = JobKind("classify", queue="classifier", task="percept.classify")
+# Training has its own queue: a long job must not hold up classification.
+TRAIN_CLASSIFIER = JobKind("train_classifier", queue="classifier-train", task="percept.train_classifier")
+
+FACES_DETECT = JobKind("faces_detect", queue="facerec", task="percept.faces_detect")
+FACES_VERIFY = JobKind("faces_verify", queue="facerec", task="percept.faces_verify")
+FACES_ENROLL = JobKind("faces_enroll", queue="facerec", task="percept.faces_enroll")
+FACES_IDENTIFY = JobKind("faces_identify", queue="facerec", task="percept.faces_identify")
+MEMES = JobKind("memes", queue="facerec", task="percept.memes")
+FACE_KINDS = (FACES_DETECT, FACES_VERIFY, FACES_ENROLL, FACES_IDENTIFY, MEMES)
+
+JOB_KINDS: dict[str, JobKind] = {kind.name: kind for kind in (CLASSIFY, TRAIN_CLASSIFIER, *FACE_KINDS)}
+QUEUES: tuple[str, ...] = tuple(sorted({kind.queue for kind in JOB_KINDS.values()}))
+
+# Workers publish "<job id> <status>" here after each committed status or progress change; the
+# gateway's long-polls and SSE streams wake on it instead of polling the database.
+JOB_EVENTS_CHANNEL = "percept:job-events"
+
+
+def make_celery(broker_url: str, name: str = "percept") -> Celery:
+    """The Celery app both sides configure the same way (the worker adds its tasks)."""
+    app = Celery(name, broker=broker_url)
+    app.conf.update(
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
+        task_default_queue="default",
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # Postgres is the job record, not Celery's result backend
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        broker_transport_options={
+            # A message unacknowledged this long (its worker died) goes back on the queue.
+            # The sweeper takes such jobs back sooner through their heartbeat; this is the backstop.
+            "visibility_timeout": 3600,
+            "socket_timeout": 5,
+            "socket_connect_timeout": 3,
+        },
+        broker_pool_limit=16,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+@lru_cache(maxsize=4)
+def producer(broker_url: str) -> Celery:
+    return make_celery(broker_url, name="percept-producer")
+
+
+def send_job(broker_url: str, kind: str, job_id: str, countdown: float | None = None) -> None:
+    """Send the job's task by name; raise DependencyUnavailable when the broker does not take it."""
+    job_kind = JOB_KINDS[kind]
+    try:
+        producer(broker_url).send_task(
+            job_kind.task, args=[job_id], queue=job_kind.queue, countdown=countdown,
+            retry=True, retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+        )
+    except Exception as exc:  # kombu raises several connection error types
+        raise DependencyUnavailable("The job queue is unreachable; retry shortly.",
+                                    code="broker_unavailable") from exc
+
+
+def redis_client_url(broker_url: str) -> str:
+    """The redis-py URL of a Celery Redis broker URL (redis+socket:// is kombu's unix socket form)."""
+    if broker_url.startswith("redis+socket://"):
+        return "unix://" + broker_url.removeprefix("redis+socket://")
+    return broker_url
+
+
+@lru_cache(maxsize=4)
+def redis_client(broker_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_client_url(broker_url), socket_timeout=5, socket_connect_timeout=3)
+
+
+def publish_job_event(broker_url: str, job_id: str, status: str) -> None:
+    """Best effort: waiters also re-read the database on a timer, so a lost event only delays them."""
+    try:
+        redis_client(broker_url).publish(JOB_EVENTS_CHANNEL, f"{job_id} {status}")
+    except redis.RedisError:
+        pass
+
+
+def queue_depths(broker_url: str) -> dict[str, int]:
+    client = redis_client(broker_url)
+    return {queue: int(client.llen(queue)) for queue in QUEUES}

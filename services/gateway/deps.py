@@ -1,0 +1,62 @@
+"""FastAPI dependencies as Annotated aliases: the infrastructure handles and the caller's tenant."""
+
+import time
+from typing import Annotated
+
+from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from percept.db.session import session_scope
+from percept.db.tenants import hash_key, tenant_id_for_key
+from percept.errors import Unauthorized
+from percept.infra import Infra
+from services.gateway.events import JobEvents
+
+# A key lookup is cached this long: a revoked key stops working within this time.
+KEY_CACHE_SECONDS = 30.0
+
+
+def get_infra(request: Request) -> Infra:
+    return request.app.state.infra
+
+
+def get_events(request: Request) -> JobEvents:
+    return request.app.state.events
+
+
+InfraDep = Annotated[Infra, Depends(get_infra)]
+EventsDep = Annotated[JobEvents, Depends(get_events)]
+
+
+def _presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key") or None
+
+
+async def get_tenant_id(request: Request, infra: InfraDep) -> str:
+    key = _presented_key(request)
+    if not key:
+        raise Unauthorized("Send your API key as `Authorization: Bearer <key>` or `X-API-Key: <key>`.",
+                           code="missing_api_key")
+    cache: dict[str, tuple[str, float]] = request.app.state.key_cache
+    hashed = hash_key(key)
+    cached = cache.get(hashed)
+    if cached and cached[1] > time.monotonic():
+        return cached[0]
+
+    def lookup() -> str | None:
+        with session_scope(infra.database_url) as session:
+            return tenant_id_for_key(session, key)
+
+    tenant_id = await run_in_threadpool(lookup)
+    if tenant_id is None:
+        raise Unauthorized("The API key is not valid; create one with `percept keys create NAME`.",
+                           code="invalid_api_key")
+    cache[hashed] = (tenant_id, time.monotonic() + KEY_CACHE_SECONDS)
+    return tenant_id
+
+
+TenantDep = Annotated[str, Depends(get_tenant_id)]

@@ -1,0 +1,78 @@
+"""Wakes long-polls and SSE streams when a worker reports a job change (Redis pub/sub).
+
+Waiters re-read the job from Postgres on every wake-up and at least every second, so a lost
+message or a broker outage only slows them down; Postgres stays the record.
+"""
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+
+from percept.queue import JOB_EVENTS_CHANNEL, redis_client_url
+
+log = logging.getLogger(__name__)
+RECHECK_SECONDS = 1.0
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+class JobEvents:
+    def __init__(self, broker_url: str) -> None:
+        self.broker_url = broker_url
+        # job id -> {event: wake only when the job ends}
+        self._waiters: dict[str, dict[asyncio.Event, bool]] = defaultdict(dict)
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _listen(self) -> None:
+        while True:
+            client = aioredis.from_url(redis_client_url(self.broker_url))
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(JOB_EVENTS_CHANNEL)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            job_id, _, status = message["data"].decode().partition(" ")
+                            self._wake(job_id, status in TERMINAL)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker down: waiters fall back to their timer
+                log.warning("job event listener lost the broker (%s); reconnecting", exc.__class__.__name__)
+                await asyncio.sleep(1.0)
+            finally:
+                await client.aclose()
+
+    def _wake(self, job_id: str, terminal: bool) -> None:
+        for event, only_terminal in self._waiters.get(job_id, {}).items():
+            if terminal or not only_terminal:
+                event.set()
+
+    @asynccontextmanager
+    async def watch(self, job_id: str, only_terminal: bool = False) -> AsyncIterator[asyncio.Event]:
+        """An event set on the job's next change (or only when it ends, for long-polls)."""
+        event = asyncio.Event()
+        self._waiters[job_id][event] = only_terminal
+        try:
+            yield event
+        finally:
+            self._waiters[job_id].pop(event, None)
+            if not self._waiters[job_id]:
+                del self._waiters[job_id]
+
+
+async def wait_for_change(event: asyncio.Event, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout=min(timeout, RECHECK_SECONDS))
+    except TimeoutError:
+        pass
+    event.clear()

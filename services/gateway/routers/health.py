@@ -1,0 +1,52 @@
+"""Liveness, readiness and metrics."""
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from percept.db.session import session_scope
+from percept.queue import redis_client
+from services.gateway.deps import InfraDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(infra: InfraDep) -> JSONResponse:
+    """Readiness: the database, the broker and object storage all answer."""
+    def check() -> dict[str, str]:
+        checks = {}
+        for name, probe in (("database", lambda: _ping_database(infra.database_url)),
+                            ("broker", lambda: redis_client(infra.broker_url).ping()),
+                            ("storage", infra.store.ping)):
+            try:
+                probe()
+                checks[name] = "ok"
+            except Exception as exc:
+                checks[name] = f"unavailable: {exc.__class__.__name__}"
+        return checks
+
+    checks = await run_in_threadpool(check)
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks},
+                        status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
+
+
+def _ping_database(url: str) -> None:
+    with session_scope(url) as session:
+        session.execute(text("SELECT 1"))
+
+
+@router.get("/metrics", include_in_schema=True)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics."""
+    data = await run_in_threadpool(generate_latest, request.app.state.metrics_registry)
+    return Response(data, media_type=CONTENT_TYPE_LATEST)

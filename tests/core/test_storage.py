@@ -1,0 +1,61 @@
+"""Object storage: the same behaviour from the local directory and from S3 over real HTTP (moto's server)."""
+
+import hashlib
+import uuid
+
+import pytest
+from moto.server import ThreadedMotoServer
+
+from percept.errors import DependencyUnavailable, NotFound
+from percept.storage import LocalObjectStore, S3ObjectStore, object_key_for, object_store_from_url
+from tests.conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return object_store_from_url(tmp_path.as_uri())
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return object_store_from_url(f"s3://testing:testing@{endpoint}/percept-{uuid.uuid4().hex[:12]}")
+
+
+def test_put_get_exists_delete(store):
+    data = b"\x89PNG fake image bytes"
+    key = object_key_for(hashlib.sha256(data).hexdigest())
+    assert not store.exists(key)
+    store.put(key, data, content_type="image/png")
+    assert store.exists(key) and store.get(key) == data
+    store.put(key, data)  # idempotent: content-addressed
+    store.delete(key)
+    assert not store.exists(key)
+    with pytest.raises(NotFound):
+        store.get(key)
+    store.ping()
+
+
+def test_backends_are_chosen_by_url(tmp_path, s3_endpoint):
+    assert isinstance(object_store_from_url(tmp_path.as_uri()), LocalObjectStore)
+    s3 = object_store_from_url(f"s3://a:b@{s3_endpoint}/bucket?secure=false")
+    assert isinstance(s3, S3ObjectStore) and s3.bucket == "bucket"
+    with pytest.raises(ValueError, match="file:// or s3://"):
+        object_store_from_url("ftp://somewhere/x")
+
+
+def test_keys_cannot_escape_the_local_root(tmp_path):
+    with pytest.raises(ValueError):
+        LocalObjectStore(tmp_path / "root").put("../outside", b"x")
+
+
+def test_unreachable_s3_is_a_dependency_error():
+    store = object_store_from_url(f"s3://a:b@127.0.0.1:{free_port()}/bucket")
+    with pytest.raises(DependencyUnavailable):
+        store.put("k", b"x")

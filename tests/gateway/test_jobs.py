@@ -1,0 +1,153 @@
+"""Jobs over HTTP: classify end to end, provenance, idempotency, long-poll, SSE, listing, auth, tenants."""
+
+import json
+import time
+
+import httpx
+import pytest
+from skimage import data
+
+from tests.conftest import image_bytes, wait_for_job
+
+pytestmark = pytest.mark.integration
+
+
+def test_classify_coffee_end_to_end_with_provenance(api, coffee_jpeg):
+    upload = api.post("/v1/images", files={"file": ("coffee.jpg", coffee_jpeg)}).json()
+    response = api.post("/v1/classify", data={"image": upload["id"], "expected_label": "espresso"})
+    assert response.status_code == 202
+    assert response.headers["location"] == f"/v1/jobs/{response.json()['id']}"
+    job = wait_for_job(api, response.json()["id"])
+
+    assert job["status"] == "succeeded", job
+    assert job["output"]["labels"][0]["label"] == "espresso"
+    assert job["output"]["unknown"] is False
+    assert job["output"]["match"] == {"expected": "espresso", "predicted": "espresso", "verdict": "match"}
+    assert job["params"] == {"model": "imagenet-efficientnet-lite0:1", "top_k": 5, "expected_label": "espresso",
+                             "unknown_threshold": None}
+    provenance = job["provenance"]
+    assert provenance["inputs"] == [{"image_id": upload["id"], "sha256": upload["sha256"]}]
+    assert provenance["model"]["name"] == "imagenet-efficientnet-lite0" and provenance["model"]["version"] == "1"
+    assert len(provenance["model"]["sha256"]) == 64
+    assert provenance["worker"]["host"] and provenance["worker"]["device"] == "cpu"
+    assert provenance["libraries"]["torch"].startswith("2.13.0")
+    assert provenance["code_version"]
+    timings = provenance["timings_ms"]
+    assert timings["inference"] > 0 and timings["total"] >= timings["queued"] >= 0
+    # the registry learned the weights hash from the worker
+    model = api.get("/v1/models/imagenet-efficientnet-lite0").json()
+    assert model["versions"][0]["weights_sha256"] == provenance["model"]["sha256"]
+
+
+def test_mismatch_and_unknown_verdicts(api, coffee_jpeg):
+    mismatch = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)},
+                        data={"expected_label": "laptop"}, headers={"Prefer": "wait=30"}).json()
+    assert mismatch["output"]["match"]["verdict"] == "mismatch"
+    assert mismatch["output"]["match"]["predicted"] == "espresso"
+    unknown = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)},
+                       data={"expected_label": "espresso", "unknown_threshold": "0.999"},
+                       headers={"Prefer": "wait=30"}).json()
+    assert unknown["output"]["unknown"] is True and unknown["output"]["match"]["verdict"] == "unknown"
+
+
+def test_long_poll_returns_when_the_job_finishes(api, coffee_jpeg):
+    started = time.monotonic()
+    job = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}, headers={"Prefer": "wait=45"}).json()
+    assert job["status"] == "succeeded"
+    assert time.monotonic() - started < 40  # it answered on completion, not at the end of the wait
+
+
+def test_idempotency_key(api, coffee_jpeg):
+    headers = {"Idempotency-Key": "order-42"}
+    first = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}, data={"top_k": "3"}, headers=headers)
+    again = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}, data={"top_k": "3"}, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    different = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}, data={"top_k": "4"},
+                         headers=headers)
+    assert different.status_code == 409 and different.json()["error"]["code"] == "idempotency_key_reused"
+    assert len(api.get("/v1/jobs").json()["data"]) == 1
+
+
+def test_server_sent_events_follow_the_job_to_the_end(api, coffee_jpeg):
+    job = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}).json()
+    statuses = []
+    with api.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                statuses.append(json.loads(line[5:])["status"])
+    assert statuses[-1] == "succeeded"
+    assert set(statuses) <= {"queued", "running", "succeeded"}
+
+
+def test_list_filters_search_and_cursor(api, coffee_jpeg):
+    from skimage import data as samples
+
+    cat = image_bytes(samples.chelsea())
+    ids = [api.post("/v1/classify", files={"image": ("x.jpg", img)}).json()["id"]
+           for img in (coffee_jpeg, cat, coffee_jpeg)]
+    for job_id in ids:
+        wait_for_job(api, job_id)
+    first = api.get("/v1/jobs", params={"limit": 2}).json()
+    assert [j["id"] for j in first["data"]] == ids[::-1][:2]
+    second = api.get("/v1/jobs", params={"limit": 2, "cursor": first["next_cursor"]}).json()
+    assert [j["id"] for j in second["data"]] == [ids[0]] and second["next_cursor"] is None
+    found = api.get("/v1/jobs", params={"q": "espresso"}).json()["data"]
+    assert sorted(j["id"] for j in found) == sorted([ids[0], ids[2]])
+    assert len(api.get("/v1/jobs", params={"status": "succeeded", "kind": "classify"}).json()["data"]) == 3
+    assert api.get("/v1/jobs", params={"status": "failed"}).json()["data"] == []
+    assert len(api.get("/v1/jobs", params={"model": "imagenet-efficientnet-lite0"}).json()["data"]) == 3
+    assert api.get("/v1/jobs", params={"status": "bogus"}).status_code == 422
+
+
+def test_auth_is_required_and_tenants_are_isolated(platform, api, coffee_jpeg):
+    job = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}).json()
+    image_id = job["provenance"]["inputs"][0]["image_id"]
+    with httpx.Client(base_url=platform.url) as anonymous:
+        assert anonymous.get(f"/v1/jobs/{job['id']}").status_code == 401
+        wrong = anonymous.get("/v1/jobs", headers={"Authorization": "Bearer pk_wrong"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        key = api.headers["authorization"].split()[1]
+        assert anonymous.get(f"/v1/jobs/{job['id']}", headers={"X-API-Key": key}).status_code == 200
+    with platform.client(platform.new_key()) as other:
+        assert other.get(f"/v1/jobs/{job['id']}").status_code == 404
+        assert other.get(f"/v1/images/{image_id}").status_code == 404
+        assert other.get(f"/v1/images/{image_id}/content").status_code == 404
+        assert other.post(f"/v1/jobs/{job['id']}/cancel").status_code == 404
+        assert other.post("/v1/classify", json={"image": image_id}).status_code == 404
+        assert other.get("/v1/jobs").json()["data"] == []
+
+
+def test_models_registry(api):
+    models = api.get("/v1/models").json()
+    assert "imagenet-efficientnet-lite0" in [m["name"] for m in models]
+    assert api.get("/v1/models/nope").status_code == 404
+
+
+def test_health_readiness_metrics_docs(api, coffee_jpeg):
+    api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}, headers={"Prefer": "wait=30"})
+    ready = api.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+    metrics = api.get("/metrics").text
+    assert 'percept_jobs{kind="classify",status="succeeded"}' in metrics
+    assert 'percept_queue_depth{queue="classifier"}' in metrics
+    assert 'percept_inference_seconds_count{model="imagenet-efficientnet-lite0"}' in metrics
+    assert "percept_http_request_seconds_bucket" in metrics
+    schema = api.get("/openapi.json").json()
+    assert "/v1/classify" in schema["paths"] and api.get("/docs").status_code == 200
+
+
+def test_cancel_of_a_finished_job_changes_nothing(api, coffee_jpeg):
+    job = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}, headers={"Prefer": "wait=30"}).json()
+    assert job["status"] == "succeeded"
+    after = api.post(f"/v1/jobs/{job['id']}/cancel").json()
+    assert after["status"] == "succeeded" and after["output"] == job["output"]
+
+
+def test_batch_of_concurrent_requests_all_succeed(api):
+    images = [image_bytes(data.coffee()), image_bytes(data.chelsea()), image_bytes(data.astronaut())]
+    ids = [api.post("/v1/classify", files={"image": ("x.jpg", images[i % 3])}).json()["id"] for i in range(6)]
+    jobs = [wait_for_job(api, job_id) for job_id in ids]
+    assert all(j["status"] == "succeeded" for j in jobs)
+    assert jobs[0]["output"]["labels"][0]["label"] == jobs[3]["output"]["labels"][0]["label"] == "espresso"

@@ -1,0 +1,68 @@
+"""What some job kinds do with a prediction before it is written: store embeddings, search a
+collection, store a generated image. Runs in the transaction that writes the job's result, so the
+side effects land exactly when the result does."""
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from percept.db import faces as face_repo
+from percept.db import images as image_repo
+from percept.db.ids import new_id
+from percept.db.models import Image
+from percept.infra import Infra
+from percept.storage import object_key_for
+
+
+def enroll_face(infra: Infra, session: Session, tenant_id: str, job_id: str, params: dict[str, Any],
+                inputs: list[dict[str, Any]], output: dict[str, Any]) -> dict[str, Any]:
+    """Store the one accepted face of an enrollment; warn when it already belongs to another subject."""
+    face = output["face"]
+    collection_id, subject_id = params["collection_id"], params["subject_id"]
+    threshold = params["threshold"]
+    warnings = []
+    for match in face_repo.nearest_subjects(session, collection_id, face["embedding"], top_k=3, max_distance=threshold):
+        if match.subject_id != subject_id:
+            warnings.append({"code": "already_enrolled", "subject": match.subject, "distance": round(match.distance, 4),
+                             "message": f"This face is within {threshold} of subject {match.subject!r} already."})
+    face_repo.add_embedding(session, collection_id, subject_id, face["embedding"], face["box"],
+                            inputs[0]["image_id"], job_id)
+    return {"collection": params["collection"], "subject": params["subject"],
+            "face": {key: face[key] for key in ("box", "score", "sharpness") if key in face},
+            "faces_enrolled": face_repo.count_faces(session, subject_id), "warnings": warnings}
+
+
+def identify_faces(infra: Infra, session: Session, tenant_id: str, job_id: str, params: dict[str, Any],
+                   inputs: list[dict[str, Any]], output: dict[str, Any]) -> dict[str, Any]:
+    """Each face in the image -> the collection's closest subjects, none beyond the threshold."""
+    faces = []
+    for face in output["faces"]:
+        matches = face_repo.nearest_subjects(session, params["collection_id"], face["embedding"],
+                                             top_k=params["top_k"], max_distance=params["threshold"])
+        faces.append({"box": face["box"], "score": face.get("score"),
+                      "matches": [{"subject": m.subject, "distance": round(m.distance, 4)} for m in matches]})
+    return {"faces": faces, "collection": params["collection"], "threshold": params["threshold"],
+            "search": "hnsw" if face_repo.uses_pgvector(session) else "exact"}
+
+
+def store_meme(infra: Infra, session: Session, tenant_id: str, job_id: str, params: dict[str, Any],
+               inputs: list[dict[str, Any]], output: dict[str, Any]) -> dict[str, Any]:
+    """The rendered meme becomes an image of the tenant's, linked to the job that made it."""
+    from percept.imaging import inspect_image
+
+    data = output.pop("image_png")
+    facts = inspect_image(data, infra.settings.max_image_pixels)
+    key = object_key_for(hashlib.sha256(data).hexdigest())
+    infra.store.put(key, data, content_type=facts.content_type)
+    image = image_repo.add_image(session, Image(
+        id=new_id("img"), tenant_id=tenant_id, sha256=facts.sha256, object_key=key, format=facts.format,
+        content_type=facts.content_type, width=facts.width, height=facts.height, bytes=facts.bytes,
+        source_job_id=job_id))
+    return {"image_id": image.id, **output, "source_image_id": inputs[0]["image_id"]}
+
+
+Finalizer = Callable[[Infra, Session, str, str, dict[str, Any], list[dict[str, Any]], dict[str, Any]], dict[str, Any]]
+FINALIZERS: dict[str, Finalizer] = {"faces_enroll": enroll_face, "faces_identify": identify_faces,
+                                    "memes": store_meme}

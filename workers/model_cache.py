@@ -1,0 +1,65 @@
+"""Predictors loaded lazily by import path, set up once per process and cached.
+
+The model registry says which predictor class serves a model (and where a trained model's artifact
+is); the runtime imports it by name, so the worker package depends on no service (import-linter
+checks it) and each worker image carries only its own framework.
+"""
+
+import importlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from percept.predictor import ModelInfo, Predictor
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to build a model's predictor: its class, and for trained models the artifact bytes."""
+
+    name: str
+    version: str
+    predictor: str  # "module:Class"
+    artifact: bytes | None = None
+
+
+@dataclass
+class LoadedModel:
+    predictor: Predictor
+    info: ModelInfo
+    load_ms: float  # what loading cost the first job; 0 for every job after it
+
+
+def import_by_name(path: str):
+    module_name, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+class ModelCache:
+    def __init__(self, max_models: int = 8) -> None:
+        self.max_models = max_models
+        self._loaded: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str, source: Callable[[], ModelSource]) -> LoadedModel:
+        """The model under `key` (tenant + name:version), built from `source()` on first use.
+
+        The load time is reported once, to the job that paid it.
+        """
+        with self._lock:
+            if key in self._loaded:
+                cached = self._loaded.pop(key)
+                self._loaded[key] = cached  # most recently used last
+                return LoadedModel(cached.predictor, cached.info, 0.0)
+            started = time.perf_counter()
+            spec = source()
+            predictor_class = import_by_name(spec.predictor)
+            predictor = (predictor_class(artifact=spec.artifact, name=spec.name, version=spec.version)
+                         if spec.artifact is not None else predictor_class())
+            info = predictor.setup()
+            loaded = LoadedModel(predictor, info, (time.perf_counter() - started) * 1000)
+            if len(self._loaded) >= self.max_models:  # evict the least recently used
+                self._loaded.pop(next(iter(self._loaded)))
+            self._loaded[key] = loaded
+            return loaded

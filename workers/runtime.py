@@ -1,0 +1,371 @@
+"""The job lifecycle every worker runs: claim, load inputs, predict, write output and provenance.
+
+Tasks are thin: they hand job ids to `JobRuntime.run`. Running the same id twice is harmless:
+only a `queued` job can be claimed, and only the attempt that claimed it can write its result.
+"""
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from percept.datasets import DatasetLimits, iter_dataset
+from percept.db import datasets as dataset_repo
+from percept.db import images as image_repo
+from percept.db import jobs as job_repo
+from percept.db import registry
+from percept.db.models import JobStatus, Model
+from percept.db.session import session_scope
+from percept.errors import DependencyUnavailable, PerceptError
+from percept.imaging import decode_rgb
+from percept.infra import Infra
+from percept.predictor import JobCanceled, ModelInfo, PredictRequest
+from percept.queue import publish_job_event, send_job
+from percept.storage import object_key_for
+from percept.version import code_version, library_versions
+from workers.finalizers import FINALIZERS
+from workers.model_cache import ModelCache, ModelSource, import_by_name
+
+log = logging.getLogger(__name__)
+HOST = socket.gethostname()
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """A training job kind: the function that trains, and how the model it makes is served."""
+
+    train: str  # "module:function" (samples, params, on_epoch) -> result with .artifact, .metrics, .card
+    serves_with: str  # the predictor class of the trained model
+    model_kind: str  # the job kind the model answers
+
+
+TRAINERS: dict[str, TrainerSpec] = {
+    "train_classifier": TrainerSpec("services.classifier.training:train_from_params",
+                                    "services.classifier.custom:CustomClassifier", "classify"),
+}
+PROGRESS_EVERY_SECONDS = 1.0
+
+
+@dataclass
+class ClaimedJob:
+    id: str
+    tenant_id: str
+    kind: str
+    attempt: int
+    model_name: str
+    params: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    created_at: datetime
+    started_at: datetime
+    request: PredictRequest | None = None
+    model_info: ModelInfo | None = None
+    register: Model | None = None  # a trained model to register with the result
+    error: dict[str, Any] | None = None
+    output: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    claimed_at: float = field(default_factory=time.monotonic)
+
+
+class Heartbeat:
+    """Beats for the running jobs every lease/3 so the sweeper knows this worker is alive."""
+
+    def __init__(self, runtime: "JobRuntime", job_ids: list[str]) -> None:
+        self.runtime, self.job_ids = runtime, job_ids
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        interval = self.runtime.infra.settings.job_lease.total_seconds() / 3
+        while not self._stop.wait(interval):
+            try:
+                with session_scope(self.runtime.infra.database_url) as session:
+                    job_repo.heartbeat(session, self.job_ids, self.runtime.worker_name)
+                    session.commit()
+            except PerceptError:
+                log.warning("heartbeat failed; will retry")
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+
+class JobRuntime:
+    def __init__(self, infra: Infra, models: ModelCache | None = None) -> None:
+        self.infra = infra
+        self.models = models or ModelCache()
+        self.worker_name = f"{HOST}:{os.getpid()}"
+        self._model_rows: dict[int, Model] = {}
+
+    # 1. Claim
+    def _claim(self, job_ids: list[str]) -> list[ClaimedJob]:
+        claimed = []
+        with session_scope(self.infra.database_url) as session:
+            for job_id in dict.fromkeys(job_ids):  # a duplicated message in the same batch
+                job = job_repo.claim(session, job_id, self.worker_name)
+                if job is None:
+                    log.info("job %s is not queued any more; nothing to do", job_id)
+                    continue
+                claimed.append(ClaimedJob(job.id, job.tenant_id, job.kind, job.attempts, job.model_name or "",
+                                          job.params, job.inputs, job.created_at, job.started_at))
+            session.commit()
+        for job in claimed:
+            publish_job_event(self.infra.broker_url, job.id, "running")
+        return claimed
+
+    # 2. Inputs
+    def _load_inputs(self, jobs: list[ClaimedJob]) -> None:
+        image_ids = [item["image_id"] for job in jobs for item in job.inputs]
+        with session_scope(self.infra.database_url) as session:
+            images = image_repo.get_images(session, image_ids)
+        for job in jobs:
+            try:
+                pictures = [decode_rgb(self.infra.store.get(images[item["image_id"]].object_key),
+                                       self.infra.settings.max_image_pixels) for item in job.inputs]
+                job.request = PredictRequest(images=pictures, params=job.params)
+            except DependencyUnavailable:
+                raise
+            except PerceptError as exc:
+                job.error = exc.to_dict()
+
+    def run(self, job_ids: list[str]) -> None:
+        jobs = self._claim(job_ids)
+        if not jobs:
+            return
+        with Heartbeat(self, [job.id for job in jobs]):
+            try:
+                for job in jobs:
+                    if job.kind in TRAINERS:
+                        self._train(job)
+                inference = [job for job in jobs if job.kind not in TRAINERS]
+                if inference:
+                    self._load_inputs(inference)
+                    for source, group in self._group_by_model(inference).items():
+                        self._predict(source, group)
+            except DependencyUnavailable as exc:
+                self._retry_later(jobs, exc)
+                return
+        self._write_results(jobs)
+
+    def _group_by_model(self, jobs: list[ClaimedJob]) -> dict[int, list[ClaimedJob]]:
+        """Jobs by registry row: tenants asking for the same built-in model share one forward pass."""
+        groups: dict[int, list[ClaimedJob]] = defaultdict(list)
+        rows: dict[tuple[str, str], Model | None] = {}
+        with session_scope(self.infra.database_url) as session:
+            for job in jobs:
+                if job.error is not None:
+                    continue
+                ref = (job.tenant_id, job.model_name)
+                if ref not in rows:
+                    name, _, version = job.model_name.partition(":")
+                    rows[ref] = registry.find_version(session, job.tenant_id, name, version)
+                row = rows[ref]
+                if row is None:
+                    job.error = {"code": "model_not_found", "message": f"Model {job.model_name!r} no longer exists."}
+                else:
+                    self._model_rows[row.id] = row
+                    groups[row.id].append(job)
+        return groups
+
+    def _model_source(self, row: "Model") -> ModelSource:
+        artifact = self.infra.store.get(row.artifact_key) if row.artifact_key else None
+        return ModelSource(row.name, row.version, row.predictor, artifact)
+
+    # 3b. Train: a dataset in, a registered model version out
+    def _train(self, job: ClaimedJob) -> None:
+        spec = TRAINERS[job.kind]
+        started = time.perf_counter()
+        # 1. The dataset, decoded (files that do not decode were reported at upload and are skipped)
+        with session_scope(self.infra.database_url) as session:
+            dataset = dataset_repo.get_dataset_by_id(session, job.inputs[0]["dataset_id"])
+        archive = self.infra.store.get(dataset.object_key)
+        settings = self.infra.settings
+        limits = DatasetLimits(max_zip_bytes=settings.max_dataset_bytes, max_files=settings.max_dataset_files,
+                               max_uncompressed_bytes=settings.max_dataset_uncompressed_bytes,
+                               max_image_pixels=settings.max_image_pixels)
+        samples, skipped = [], 0
+        for entry in iter_dataset(archive, limits):
+            try:
+                samples.append((decode_rgb(entry.data, settings.max_image_pixels), entry.label))
+            except PerceptError:
+                skipped += 1
+        load_ms = (time.perf_counter() - started) * 1000
+        # 2. Train, reporting every epoch; a cancel stops it at the next epoch boundary
+        started = time.perf_counter()
+        try:
+            result = import_by_name(spec.train)(samples, job.params, self._step_reporter([job], every=0.0))
+        except JobCanceled:
+            job.error = {"code": "canceled", "message": "The job was canceled while it ran."}
+            return
+        except ValueError as exc:
+            job.error = {"code": "invalid_input", "message": str(exc)}
+            return
+        except SoftTimeLimitExceeded:
+            job.error = {"code": "time_limit", "message": "Training took longer than the worker's time limit; "
+                         "use fewer epochs or images, or turn augmentation off."}
+            return
+        except Exception:
+            log.exception("training job %s failed", job.id)
+            job.error = {"code": "internal_error", "message": "Training failed unexpectedly; we have the log."}
+            return
+        # 3. The artifact goes to object storage; the model version is registered with the job's result
+        sha256 = hashlib.sha256(result.artifact).hexdigest()
+        key = object_key_for(sha256, prefix="models")
+        self.infra.store.put(key, result.artifact)
+        card = {**result.card, "dataset": {"id": dataset.id, "sha256": dataset.sha256, "skipped_files": skipped},
+                "training": {"job_id": job.id, "params": job.params}}
+        job.register = Model(name=job.params["name"], kind=spec.model_kind, status="ready", weights_sha256=sha256,
+                             predictor=spec.serves_with, artifact_key=key, metrics=result.metrics, card=card)
+        job.output = {"metrics": result.metrics, "dataset": {"id": dataset.id, "images": len(samples),
+                                                             "skipped_files": skipped}}
+        job.timings = {"load": round(load_ms, 2), "inference": round((time.perf_counter() - started) * 1000, 2)}
+
+    # 3. Predict
+    def _predict(self, model_id: int, jobs: list[ClaimedJob]) -> None:
+        row = self._model_rows[model_id]
+        model_name = f"{row.name}:{row.version}"
+        loaded = self.models.get(f"model-{model_id}", lambda: self._model_source(row))
+        if loaded.load_ms and row.tenant_id is None:
+            with session_scope(self.infra.database_url) as session:
+                registry.record_weights(session, row.id, loaded.info.sha256)
+                session.commit()
+        # Provenance names the registry's model; the predictor supplies what it actually loaded.
+        info = ModelInfo(row.name, row.version, loaded.info.sha256, loaded.info.device, loaded.info.libraries)
+        started = time.perf_counter()
+        try:
+            outputs = loaded.predictor.predict([job.request for job in jobs],
+                                               on_step=self._step_reporter(jobs))
+            errors: list[dict[str, Any] | None] = [None] * len(jobs)
+        except JobCanceled:
+            outputs, errors = [None] * len(jobs), [{"code": "canceled", "message": "Canceled."}] * len(jobs)
+        except ValueError as exc:
+            if len(jobs) > 1:  # one bad request must not fail its batch neighbours: run them one by one
+                for job in jobs:
+                    self._predict(model_id, [job])
+                return
+            outputs, errors = [None], [input_error(exc)]
+        except Exception:  # a bug or a broken model: fail these jobs, keep the worker serving
+            log.exception("predictor %s failed", model_name)
+            outputs = [None] * len(jobs)
+            errors = [{"code": "internal_error", "message": "The model failed on this input; we have the log."}
+                      ] * len(jobs)
+        inference_ms = (time.perf_counter() - started) * 1000
+        for job, output, error in zip(jobs, outputs, errors, strict=True):
+            job.output, job.error = output, error
+            job.timings = {"load": round(loaded.load_ms, 2), "inference": round(inference_ms, 2)}
+            job.timings["batch_size"] = len(jobs)
+            job.model_info = info
+
+    def _step_reporter(self, jobs: list[ClaimedJob], every: float = PROGRESS_EVERY_SECONDS):
+        last_write = min(job.claimed_at for job in jobs)
+
+        def on_step(done: int, total: int, info: dict[str, Any] | None = None) -> None:
+            nonlocal last_write
+            # Sub-second inference steps are not worth a database write each; finish() still sees a cancel.
+            if time.monotonic() - last_write < every:
+                return
+            last_write = time.monotonic()
+            with session_scope(self.infra.database_url) as session:
+                alive = [job_repo.set_progress(session, job.id, job.attempt,
+                                               {"done": done, "total": total, **(info or {})}) for job in jobs]
+                session.commit()
+            for job in jobs:
+                publish_job_event(self.infra.broker_url, job.id, "running")
+            if not all(alive):
+                raise JobCanceled()
+        return on_step
+
+    # 4. Write output and provenance in one transaction, then notify waiters
+    def _write_results(self, jobs: list[ClaimedJob]) -> None:
+        written = []
+        with session_scope(self.infra.database_url) as session:
+            for job in jobs:
+                canceled = job.error is not None and job.error.get("code") == "canceled"
+                status = (JobStatus.CANCELED if canceled else
+                          JobStatus.FAILED if job.error is not None else JobStatus.SUCCEEDED)
+                if status is JobStatus.SUCCEEDED and job.kind in FINALIZERS:
+                    job.output = FINALIZERS[job.kind](self.infra, session, job.tenant_id, job.id, job.params,
+                                                      job.inputs, job.output)
+                if status is JobStatus.SUCCEEDED and job.register is not None:
+                    model = registry.register_version(session, job.tenant_id, job.register)
+                    job.output = {"model": {"name": model.name, "version": model.version}, **(job.output or {})}
+                    job.model_info = ModelInfo(model.name, model.version, model.weights_sha256)
+                written_status = job_repo.finish(session, job.id, job.attempt, status, output=job.output,
+                                                 error=job.error, provenance=self._provenance(job),
+                                                 search_text=search_text_of(job.output))
+                if written_status:
+                    written.append((job.id, written_status.value))
+                else:
+                    log.warning("job %s attempt %d lost its claim; result dropped", job.id, job.attempt)
+                    if job.register is not None:
+                        session.rollback()  # no model version from an attempt that no longer owns its job
+                        return
+            session.commit()
+        for job_id, written_status in written:
+            publish_job_event(self.infra.broker_url, job_id, written_status)
+
+    def _retry_later(self, jobs: list[ClaimedJob], exc: PerceptError) -> None:
+        """A dependency went away mid-job: release the jobs and send them again with backoff."""
+        log.warning("retrying %d jobs later: %s", len(jobs), exc.message)
+        try:
+            with session_scope(self.infra.database_url) as session:
+                released = [job for job in jobs if job_repo.release(session, job.id, job.attempt)]
+                session.commit()
+        except DependencyUnavailable:
+            return  # the database itself is gone: the sweeper takes the jobs back by their heartbeat
+        for job in released:
+            try:
+                send_job(self.infra.broker_url, job.kind, job.id, countdown=min(2 ** job.attempt, 60))
+            except DependencyUnavailable:
+                pass  # still queued in the database: the sweeper sends it
+
+    def _provenance(self, job: ClaimedJob) -> dict[str, Any]:
+        finished = datetime.now(UTC)
+        info = job.model_info
+        timings = {
+            "queued": round((job.started_at - job.created_at).total_seconds() * 1000, 2),
+            "load": job.timings.get("load", 0.0),
+            "inference": job.timings.get("inference", 0.0),
+            "total": round((finished - job.created_at).total_seconds() * 1000, 2),
+        }
+        return {
+            "inputs": job.inputs,
+            "model": ({"name": info.name, "version": info.version, "sha256": info.sha256}
+                      if info else {"name": job.model_name, "version": None, "sha256": None}),
+            "worker": {"host": HOST, "pid": os.getpid(), "device": info.device if info else None},
+            "code_version": code_version(self.infra.settings.code_version),
+            "libraries": {**library_versions("percept", "pillow", "celery"), **(info.libraries if info else {})},
+            "seed": job.params.get("seed"),
+            "attempt": job.attempt,
+            "batch_size": job.timings.get("batch_size", 1),
+            "timings_ms": timings,
+        }
+
+
+def input_error(exc: ValueError) -> dict[str, str]:
+    """A predictor's ValueError as a job error; "[code] message" names a specific code."""
+    message = str(exc)
+    if message.startswith("[") and "] " in message:
+        code, _, rest = message[1:].partition("] ")
+        return {"code": code, "message": rest}
+    return {"code": "invalid_input", "message": message}
+
+
+def search_text_of(output: dict[str, Any] | None) -> str | None:
+    """What `GET /v1/jobs?q=` matches: labels, captions, prompts found in the output."""
+    if not output:
+        return None
+    words = [label["label"] for label in output.get("labels", [])[:1]]
+    words += [caption["text"] for caption in output.get("captions", [])]
+    return " ".join(words) or None
+
