@@ -91,8 +91,8 @@ class Platform:
         except httpx.HTTPError:
             return False
 
-    def start_worker(self, name: str = "worker", service: str = "classifier") -> subprocess.Popen:
-        return self.start(name, ["-m", "workers", service])
+    def start_worker(self, name: str = "worker", service: str = "classifier", **extra_env: str) -> subprocess.Popen:
+        return self.start(name, ["-m", "workers", service], **extra_env)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         process = self.processes.pop(name)
