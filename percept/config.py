@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000
     # A tenant may have this many jobs queued or running before it gets 429.
     max_pending_jobs_per_tenant: int = 1000
+    # Requests per tenant (limits notation: "100/second", "5000/hour"), counted in Redis across
+    # gateway replicas; over it, 429 + Retry-After. Empty: no limit.
+    rate_limit: str | None = "100/second"
     # Prefer: wait=N is capped here (API.md: N <= 60 s).
     max_wait: timedelta = timedelta(seconds=60)
 
@@ -69,6 +72,18 @@ class Settings(BaseSettings):
             except ValueError:
                 return value
         return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value:
+            from limits import parse
+
+            try:
+                parse(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a rate; write it like `100/second` or `5000/hour`") from None
+        return value or None
 
     @field_validator("data_dir")
     @classmethod

@@ -22,6 +22,7 @@ from percept.sweeper import sweep_once
 from services.gateway.events import JobEvents
 from services.gateway.intake import validation_message
 from services.gateway.metrics import make_registry
+from services.gateway.ratelimit import TenantRateLimit
 from services.gateway.routers import classify, faces, health, images, jobs, models, training
 
 log = logging.getLogger("percept.gateway")
@@ -116,6 +117,7 @@ def create_app(settings: Settings | None = None, infra: Infra | None = None) -> 
         app.state.events = JobEvents(resolved.broker_url)
         app.state.events.start()
         app.state.key_cache = {}
+        app.state.rate_limit = TenantRateLimit(resolved.settings.rate_limit, resolved.broker_url)
         app.state.metrics_registry, app.state.request_latency = make_registry(resolved)
         sweeper = asyncio.create_task(_sweep_forever(resolved))
         yield

@@ -45,6 +45,7 @@ async def get_tenant_id(request: Request, infra: InfraDep) -> str:
     hashed = hash_key(key)
     cached = cache.get(hashed)
     if cached and cached[1] > time.monotonic():
+        await request.app.state.rate_limit.hit(cached[0])
         return cached[0]
 
     def lookup() -> str | None:
@@ -56,6 +57,7 @@ async def get_tenant_id(request: Request, infra: InfraDep) -> str:
         raise Unauthorized("The API key is not valid; create one with `percept keys create NAME`.",
                            code="invalid_api_key")
     cache[hashed] = (tenant_id, time.monotonic() + KEY_CACHE_SECONDS)
+    await request.app.state.rate_limit.hit(tenant_id)
     return tenant_id
 
 

@@ -1,13 +1,14 @@
 """Jobs over HTTP: classify end to end, provenance, idempotency, long-poll, SSE, listing, auth, tenants."""
 
 import json
+import signal
 import time
 
 import httpx
 import pytest
 from skimage import data
 
-from tests.conftest import image_bytes, wait_for_job
+from tests.conftest import free_port, image_bytes, wait_for_job, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -151,3 +152,35 @@ def test_batch_of_concurrent_requests_all_succeed(api):
     jobs = [wait_for_job(api, job_id) for job_id in ids]
     assert all(j["status"] == "succeeded" for j in jobs)
     assert jobs[0]["output"]["labels"][0]["label"] == jobs[3]["output"]["labels"][0]["label"] == "espresso"
+
+
+def test_rate_limit_per_tenant_is_shared_by_gateway_replicas(platform):
+    """Two more gateway replicas with a 20-requests-per-minute limit, counting in the same Redis."""
+    replicas = []
+    for name in ("limited-a", "limited-b"):
+        port = free_port()
+        platform.start(name, ["-m", "percept.cli", "gateway"], PORT=str(port), PERCEPT_RATE_LIMIT="20/minute")
+        replicas.append(f"http://127.0.0.1:{port}")
+    for url in replicas:
+        wait_until(lambda url=url: _answers(url), timeout=60, what=f"the gateway at {url}")
+    try:
+        busy, other = platform.new_key(), platform.new_key()
+        answers = [httpx.get(replicas[i % 2] + "/v1/jobs", headers={"Authorization": f"Bearer {busy}"})
+                   for i in range(24)]
+        assert [a.status_code for a in answers] == [200] * 20 + [429] * 4
+        refused = answers[-1]
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert "slow down" in refused.json()["error"]["message"]
+        # Another tenant has its own window.
+        assert httpx.get(replicas[0] + "/v1/jobs", headers={"Authorization": f"Bearer {other}"}).status_code == 200
+    finally:
+        for name in ("limited-a", "limited-b"):
+            platform.kill(name, signal.SIGTERM)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -13,6 +13,7 @@ from skimage import data
 from percept.db.ids import new_id
 from percept.db.models import Job, JobStatus
 from percept.db.session import session_scope
+from percept.embedded import start_redis
 from percept.queue import send_job
 from tests.conftest import Platform, image_bytes, make_infra, wait_for_job, wait_until
 
@@ -25,10 +26,10 @@ def isolated(tmp_path_factory):
     handles, database_url, broker_url = make_infra(data_dir)
     plat = Platform(data_dir, database_url, broker_url, (data_dir / "objects").as_uri())
     plat.start_gateway()
-    plat.server = handles[0]
+    plat.server, plat.redis = handles
     yield plat
     plat.stop_all()
-    handles[1].terminate()
+    plat.redis.terminate()
     handles[0].cleanup()
 
 
@@ -143,4 +144,29 @@ def test_database_down_gives_503_and_recovers(isolated, client):
                pgdata=server.pgdata, user=server.system_user)
     back = client.post("/v1/classify", files={"image": ("c.jpg", photo)}, headers={"Prefer": "wait=60"})
     assert back.status_code == 202 and back.json()["status"] == "succeeded"
+    assert client.get("/readyz").status_code == 200
+
+
+def test_broker_down_gives_503_reads_still_work_and_it_recovers(isolated, client):
+    photo = image_bytes(data.coffee())
+    done = client.post("/v1/classify", files={"image": ("c.jpg", photo)}, headers={"Prefer": "wait=60"}).json()
+    assert done["status"] == "succeeded"
+    isolated.redis.terminate()
+    isolated.redis.wait(10)
+    try:
+        down = client.post("/v1/classify", files={"image": ("c.jpg", photo)})
+        assert down.status_code == 503 and down.headers["retry-after"]
+        assert down.json()["error"]["code"] == "broker_unavailable"
+        # Reading needs only the database (and the rate limit, kept in Redis, is not enforced meanwhile).
+        assert client.get(f"/v1/jobs/{done['id']}").json()["status"] == "succeeded"
+        assert client.get("/readyz").status_code == 503
+    finally:
+        isolated.redis, _ = start_redis(isolated.data_dir / "redis")
+
+    def submitted_and_finished():
+        back = client.post("/v1/classify", files={"image": ("c.jpg", photo)}, headers={"Prefer": "wait=30"})
+        return back.status_code == 202 and back.json()["status"] == "succeeded"
+
+    # The gateway's and the worker's broker connections come back without a restart.
+    wait_until(submitted_and_finished, timeout=90, interval=1, what="a job to run after the broker returned")
     assert client.get("/readyz").status_code == 200
