@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.orm import Session
 
 from percept.datasets import DatasetLimits, iter_dataset
 from percept.db import datasets as dataset_repo
@@ -67,6 +68,8 @@ class ClaimedJob:
     started_at: datetime
     request: PredictRequest | None = None
     model_info: ModelInfo | None = None
+    image_keys: list[str] = field(default_factory=list)  # the input images' object keys
+    model_row: Model | None = None  # the registry row of the model that serves it
     register: Model | None = None  # a trained model to register with the result
     error: dict[str, Any] | None = None
     output: dict[str, Any] | None = None
@@ -105,33 +108,42 @@ class JobRuntime:
         self.infra = infra
         self.models = models or ModelCache()
         self.worker_name = f"{HOST}:{os.getpid()}"
-        self._model_rows: dict[int, Model] = {}
 
-    # 1. Claim
+    # 1. Claim, in one transaction with what the claimed jobs need from the database
     def _claim(self, job_ids: list[str]) -> list[ClaimedJob]:
-        claimed = []
         with session_scope(self.infra.database_url) as session:
-            for job_id in dict.fromkeys(job_ids):  # a duplicated message in the same batch
-                job = job_repo.claim(session, job_id, self.worker_name)
-                if job is None:
-                    log.info("job %s is not queued any more; nothing to do", job_id)
-                    continue
-                claimed.append(ClaimedJob(job.id, job.tenant_id, job.kind, job.attempts, job.model_name or "",
-                                          job.params, job.inputs, job.created_at, job.started_at))
+            claimed = [ClaimedJob(job.id, job.tenant_id, job.kind, job.attempts, job.model_name or "", job.params,
+                                  job.inputs, job.created_at, job.started_at)
+                       for job in job_repo.claim(session, list(dict.fromkeys(job_ids)), self.worker_name)]
+            inference = [job for job in claimed if job.kind not in TRAINERS]
+            images = image_repo.get_images(
+                session, [item["image_id"] for job in inference for item in job.inputs]) if inference else {}
+            for job in inference:
+                job.image_keys = [images[item["image_id"]].object_key for item in job.inputs]
+            self._find_models(session, inference)
             session.commit()
+        for job_id in set(job_ids) - {job.id for job in claimed}:
+            log.info("job %s is not queued any more; nothing to do", job_id)
         for job in claimed:
             publish_job_event(self.infra.broker_url, job.id, "running")
         return claimed
 
-    # 2. Inputs
+    def _find_models(self, session: Session, jobs: list[ClaimedJob]) -> None:
+        """Each job's registry row: jobs of tenants asking for the same model share one forward pass."""
+        rows: dict[tuple[str, str], Model | None] = {}
+        for job in jobs:
+            ref = (job.tenant_id, job.model_name)
+            if ref not in rows:
+                name, _, version = job.model_name.partition(":")
+                rows[ref] = registry.find_version(session, job.tenant_id, name, version)
+            job.model_row = rows[ref]
+
+    # 2. Inputs: the images' bytes, decoded
     def _load_inputs(self, jobs: list[ClaimedJob]) -> None:
-        image_ids = [item["image_id"] for job in jobs for item in job.inputs]
-        with session_scope(self.infra.database_url) as session:
-            images = image_repo.get_images(session, image_ids)
         for job in jobs:
             try:
-                pictures = [decode_rgb(self.infra.store.get(images[item["image_id"]].object_key),
-                                       self.infra.settings.max_image_pixels) for item in job.inputs]
+                pictures = [decode_rgb(self.infra.store.get(key), self.infra.settings.max_image_pixels)
+                            for key in job.image_keys]
                 job.request = PredictRequest(images=pictures, params=job.params)
             except DependencyUnavailable:
                 raise
@@ -150,32 +162,24 @@ class JobRuntime:
                 inference = [job for job in jobs if job.kind not in TRAINERS]
                 if inference:
                     self._load_inputs(inference)
-                    for source, group in self._group_by_model(inference).items():
-                        self._predict(source, group)
+                    for group in self._group_by_model(inference):
+                        self._predict(group)
             except DependencyUnavailable as exc:
                 self._retry_later(jobs, exc)
                 return
         self._write_results(jobs)
 
-    def _group_by_model(self, jobs: list[ClaimedJob]) -> dict[int, list[ClaimedJob]]:
-        """Jobs by registry row: tenants asking for the same built-in model share one forward pass."""
+    @staticmethod
+    def _group_by_model(jobs: list[ClaimedJob]) -> list[list[ClaimedJob]]:
         groups: dict[int, list[ClaimedJob]] = defaultdict(list)
-        rows: dict[tuple[str, str], Model | None] = {}
-        with session_scope(self.infra.database_url) as session:
-            for job in jobs:
-                if job.error is not None:
-                    continue
-                ref = (job.tenant_id, job.model_name)
-                if ref not in rows:
-                    name, _, version = job.model_name.partition(":")
-                    rows[ref] = registry.find_version(session, job.tenant_id, name, version)
-                row = rows[ref]
-                if row is None:
-                    job.error = {"code": "model_not_found", "message": f"Model {job.model_name!r} no longer exists."}
-                else:
-                    self._model_rows[row.id] = row
-                    groups[row.id].append(job)
-        return groups
+        for job in jobs:
+            if job.error is not None:
+                continue
+            if job.model_row is None:
+                job.error = {"code": "model_not_found", "message": f"Model {job.model_name!r} no longer exists."}
+            else:
+                groups[job.model_row.id].append(job)
+        return list(groups.values())
 
     def _model_source(self, row: "Model") -> ModelSource:
         artifact = self.infra.store.get(row.artifact_key) if row.artifact_key else None
@@ -231,8 +235,10 @@ class JobRuntime:
         job.timings = {"load": round(load_ms, 2), "inference": round((time.perf_counter() - started) * 1000, 2)}
 
     # 3. Predict
-    def _predict(self, model_id: int, jobs: list[ClaimedJob]) -> None:
-        row = self._model_rows[model_id]
+    def _predict(self, jobs: list[ClaimedJob]) -> None:
+        row = jobs[0].model_row
+        assert row is not None
+        model_id = row.id
         model_name = f"{row.name}:{row.version}"
         loaded = self.models.get(f"model-{model_id}", lambda: self._model_source(row))
         if loaded.load_ms and row.tenant_id is None:
@@ -251,7 +257,7 @@ class JobRuntime:
         except ValueError as exc:
             if len(jobs) > 1:  # one bad request must not fail its batch neighbours: run them one by one
                 for job in jobs:
-                    self._predict(model_id, [job])
+                    self._predict([job])
                 return
             outputs, errors = [None], [input_error(exc)]
         except Exception:  # a bug or a broken model: fail these jobs, keep the worker serving

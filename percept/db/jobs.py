@@ -52,14 +52,15 @@ def list_jobs(session: Session, tenant_id: str, *, kind: str | None = None, stat
     return list(session.scalars(query.order_by(Job.id.desc()).limit(limit)))
 
 
-def claim(session: Session, job_id: str, worker: str) -> Job | None:
-    """queued -> running, attempt + 1. None when the job is not queued (done, running, canceled)."""
-    return session.scalar(
+def claim(session: Session, job_ids: list[str], worker: str) -> list[Job]:
+    """queued -> running, attempt + 1, in one statement. Jobs that are not queued (done, running,
+    canceled) are left out."""
+    return list(session.scalars(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False))
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False))
         .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker,
                 started_at=func.coalesce(Job.started_at, func.now()), heartbeat_at=func.now())
-        .returning(Job))
+        .returning(Job)))
 
 
 def heartbeat(session: Session, job_ids: list[str], worker: str) -> None:

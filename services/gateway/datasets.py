@@ -3,7 +3,6 @@
 import hashlib
 
 from percept.datasets import DatasetLimits, analyse_dataset
-
 from percept.db import datasets as dataset_repo
 from percept.db.ids import new_id
 from percept.db.models import Dataset

@@ -6,7 +6,7 @@ message or a broker outage only slows them down; Postgres stays the record.
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,6 +17,8 @@ from percept.queue import JOB_EVENTS_CHANNEL, redis_client_url
 log = logging.getLogger(__name__)
 RECHECK_SECONDS = 1.0
 TERMINAL = {"succeeded", "failed", "canceled"}
+# Jobs that ended recently, so a watch that begins just after the event still wakes at once.
+RECENTLY_ENDED = 10_000
 
 
 class JobEvents:
@@ -25,6 +27,7 @@ class JobEvents:
         # job id -> {event: wake only when the job ends}
         self._waiters: dict[str, dict[asyncio.Event, bool]] = defaultdict(dict)
         self._task: asyncio.Task | None = None
+        self._ended: OrderedDict[str, None] = OrderedDict()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen())
@@ -53,14 +56,21 @@ class JobEvents:
                 await client.aclose()
 
     def _wake(self, job_id: str, terminal: bool) -> None:
+        if terminal:
+            self._ended[job_id] = None
+            if len(self._ended) > RECENTLY_ENDED:
+                self._ended.popitem(last=False)
         for event, only_terminal in self._waiters.get(job_id, {}).items():
             if terminal or not only_terminal:
                 event.set()
 
     @asynccontextmanager
     async def watch(self, job_id: str, only_terminal: bool = False) -> AsyncIterator[asyncio.Event]:
-        """An event set on the job's next change (or only when it ends, for long-polls)."""
+        """An event set on the job's next change (or only when it ends, for long-polls); set at once
+        when the job ended before the watch began."""
         event = asyncio.Event()
+        if job_id in self._ended:
+            event.set()
         self._waiters[job_id][event] = only_terminal
         try:
             yield event

@@ -185,14 +185,22 @@ def parse_wait(prefer: str | None, max_wait: float) -> float:
     return 0.0
 
 
-async def wait_for_job(infra: Infra, events: JobEvents, tenant_id: str, job_id: str, wait: float) -> JobOut:
-    """The job once terminal, or as it stands when `wait` seconds have passed."""
+async def wait_for_job(infra: Infra, events: JobEvents, tenant_id: str, job_id: str, wait: float,
+                       known: JobOut | None = None) -> JobOut:
+    """The job once terminal, or as it stands when `wait` seconds have passed.
+
+    `known` is the job as its submitter just committed it: it stands in for the first read (a change
+    made before the watch began still wakes it, see JobEvents.watch).
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     async with events.watch(job_id, only_terminal=True) as changed:
+        job = known
         while True:
-            job = await run_in_threadpool(read_job, infra, tenant_id, job_id)
+            if job is None:
+                job = await run_in_threadpool(read_job, infra, tenant_id, job_id)
             remaining = deadline - loop.time()
             if JobStatus(job.status).is_terminal() or remaining <= 0:
                 return job
             await wait_for_change(changed, remaining)
+            job = None

@@ -29,7 +29,7 @@ async def classify(request: Request, response: Response, infra: InfraDep, events
     params, images = await read_job_request(request, infra, tenant_id, ClassifyParams, ("image",))
     # unknown_threshold stays null unless given: each model applies its own (a trained model's is
     # calibrated on its validation set; ImageNet's is 0.25).
-    job, _ = await run_in_threadpool(submit_job, infra, tenant_id, JobRequest(
+    job, created = await run_in_threadpool(submit_job, infra, tenant_id, JobRequest(
         kind="classify", params=params.model_dump(), images=[images["image"]], model=params.model,
         idempotency_key=idempotency_key))
-    return await accepted(response, infra, events, tenant_id, job.id, prefer)
+    return await accepted(response, infra, events, tenant_id, job, created, prefer)

@@ -48,10 +48,10 @@ async def _submit(request: Request, response: Response, infra, events, tenant_id
     values = params.model_dump()
     if resolve is not None:
         values = await run_in_threadpool(resolve, values)
-    job, _ = await run_in_threadpool(submit_job, infra, tenant_id, JobRequest(
+    job, created = await run_in_threadpool(submit_job, infra, tenant_id, JobRequest(
         kind=kind, params=values, images=[images[name] for name in image_fields], model=model,
         idempotency_key=idempotency_key))
-    return await accepted(response, infra, events, tenant_id, job.id, prefer)
+    return await accepted(response, infra, events, tenant_id, job, created, prefer)
 
 
 @router.post("/faces/detect", status_code=202, response_model=JobOut, responses=JOB_ERRORS,

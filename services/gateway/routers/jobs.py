@@ -8,7 +8,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from percept.db import jobs as job_repo
-from percept.db.models import JobStatus
+from percept.db.models import Job, JobStatus
 from percept.db.session import session_scope
 from percept.errors import InvalidInput
 from percept.infra import Infra
@@ -24,12 +24,15 @@ JOB_ERRORS = {**ERRORS, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 415:
 PreferHeader = Annotated[str | None, Header(description="`wait=N`: hold the answer up to N s (max 60)")]
 
 
-async def accepted(response: Response, infra: Infra, events: JobEvents, tenant_id: str, job_id: str,
+async def accepted(response: Response, infra: Infra, events: JobEvents, tenant_id: str, job: Job, created: bool,
                    prefer: str | None) -> JobOut:
-    """The 202 of every job-creating POST: Location, and the job after an optional long-poll."""
+    """The 202 of every job-creating POST: Location, and the job after an optional long-poll.
+
+    A job just created is known as committed, so it is not read back; an idempotent replay is.
+    """
     wait = parse_wait(prefer, infra.settings.max_wait.total_seconds())
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return await wait_for_job(infra, events, tenant_id, job_id, wait)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return await wait_for_job(infra, events, tenant_id, job.id, wait, known=JobOut.of(job) if created else None)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)

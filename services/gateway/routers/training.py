@@ -66,7 +66,7 @@ async def train_classifier(request: Request, response: Response, infra: InfraDep
 
     if await run_in_threadpool(reserved):
         raise Conflict(f"{params.name!r} is a built-in model; choose another name.", code="model_name_reserved")
-    job, _ = await run_in_threadpool(submit_job, infra, tenant_id, JobRequest(
+    job, created = await run_in_threadpool(submit_job, infra, tenant_id, JobRequest(
         kind="train_classifier", params=params.model_dump(), dataset=params.dataset,
         idempotency_key=idempotency_key))
-    return await accepted(response, infra, events, tenant_id, job.id, prefer)
+    return await accepted(response, infra, events, tenant_id, job, created, prefer)
