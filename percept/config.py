@@ -43,10 +43,12 @@ class Settings(BaseSettings):
     # Celery: soft limit raises inside the task, hard limit kills the child process.
     task_soft_time_limit: timedelta = timedelta(minutes=10)
     task_hard_time_limit: timedelta = timedelta(minutes=11)
-    # Micro-batching on the classify queue: at most this many images per forward pass,
-    # waiting at most this long for the batch to fill.
+    # Micro-batching on the classify queue: at most this many images per forward pass. The worker
+    # looks at its buffer every `classify_batch_wait`; while more messages wait in the broker it keeps
+    # taking them in, for at most `classify_batch_gather`, before the batch runs.
     classify_batch_size: int = 16
     classify_batch_wait: timedelta = timedelta(milliseconds=2)
+    classify_batch_gather: timedelta = timedelta(milliseconds=50)
 
     # Dataset zips (POST /v1/datasets): the upload cap and the zip-bomb guards.
     max_dataset_bytes: int = 500 * 1024 * 1024
@@ -62,7 +64,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     @field_validator("max_wait", "requeue_after", "job_lease", "sweep_interval", "task_soft_time_limit",
-                     "task_hard_time_limit", "classify_batch_wait", mode="before")
+                     "task_hard_time_limit", "classify_batch_wait", "classify_batch_gather",
+                     mode="before")
     @classmethod
     def _seconds(cls, value: object) -> object:
         """Durations are given in seconds in the environment (PERCEPT_JOB_LEASE=60), or ISO 8601."""

@@ -52,6 +52,9 @@ def make_celery(broker_url: str, name: str = "percept") -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,  # Postgres is the job record, not Celery's result backend
+        # ...so the (disabled) backend can be shared by all threads. Celery otherwise builds one per
+        # thread, and the gateway's first send on each new pool thread costs ~7 ms.
+        result_backend_thread_safe=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -106,6 +109,14 @@ def publish_job_event(broker_url: str, job_id: str, status: str) -> None:
         redis_client(broker_url).publish(JOB_EVENTS_CHANNEL, f"{job_id} {status}")
     except redis.RedisError:
         pass
+
+
+def waiting_messages(broker_url: str, queue: str) -> int:
+    """Messages in the queue no worker has taken yet; 0 when the broker cannot say."""
+    try:
+        return int(redis_client(broker_url).llen(queue))
+    except redis.RedisError:
+        return 0
 
 
 def queue_depths(broker_url: str) -> dict[str, int]:

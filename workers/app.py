@@ -4,6 +4,7 @@ Built by a factory (never at import time) and started by `percept worker SERVICE
 """
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from celery_batches import Batches
 
 from percept.config import Settings
 from percept.infra import Infra
-from percept.queue import CLASSIFY, FACE_KINDS, TRAIN_CLASSIFIER, make_celery
+from percept.queue import CLASSIFY, FACE_KINDS, TRAIN_CLASSIFIER, make_celery, waiting_messages
 from workers.runtime import JobRuntime
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,32 @@ class WorkerSpec:
     # a batch runs. Celery's time limits need prefork, so they do not apply to these workers.
     pool: str = "prefork"
     batched: bool = False
+
+
+class GatheringBatches(Batches):
+    """celery-batches, but a batch does not run while messages for it still wait in the broker.
+
+    The Redis transport hands the worker one message per poll, so a backlog trickles in and a
+    fixed batch window cuts it into batches of one or two. Here a batch that is not full yet keeps
+    taking in messages while the queue is not empty, for at most `gather_seconds`; with an empty
+    queue (a lone request) it runs at the next tick, so a single request pays no extra wait.
+    """
+
+    abstract = True
+    broker_url: str = ""
+    gather_seconds: float = 0.05
+    _gathering_since: float | None = None
+
+    def _do_flush(self) -> None:
+        buffered = self._buffer.qsize()
+        if 0 < buffered < self.flush_every:
+            now = time.monotonic()
+            self._gathering_since = self._gathering_since or now
+            if now - self._gathering_since < self.gather_seconds and waiting_messages(self.broker_url,
+                                                                                        CLASSIFY.queue):
+                return  # the timer calls again after flush_interval
+        self._gathering_since = None
+        super()._do_flush()
 
 
 SERVICES: dict[str, WorkerSpec] = {
@@ -67,8 +94,9 @@ def create_worker_app(infra: Infra, spec: WorkerSpec) -> Celery:
         _session_factory.cache_clear()
         runtime_holder.clear()
 
-    @app.task(name=CLASSIFY.task, base=Batches, flush_every=settings.classify_batch_size,
-              flush_interval=settings.classify_batch_wait.total_seconds(), acks_late=True)
+    @app.task(name=CLASSIFY.task, base=GatheringBatches, flush_every=settings.classify_batch_size,
+              flush_interval=settings.classify_batch_wait.total_seconds(), acks_late=True,
+              broker_url=infra.broker_url, gather_seconds=settings.classify_batch_gather.total_seconds())
     def classify(requests: list[Any]) -> None:
         """Micro-batch: every queued classify job in this flush goes through one forward pass."""
         runtime().run([request.args[0] for request in requests])

@@ -52,9 +52,7 @@ def test_queued_jobs_cancel_quota_and_micro_batching(isolated, client):
     assert over.status_code == 429 and over.headers["retry-after"]
     assert over.json()["error"]["code"] == "quota_exceeded"
 
-    # The broker hands messages over one poll at a time; a batch window wider than the production 2 ms
-    # lets the whole backlog land in one flush even on a slow, loaded machine.
-    isolated.start_worker("worker", PERCEPT_CLASSIFY_BATCH_WAIT="0.5")
+    isolated.start_worker("worker")
     jobs = [wait_for_job(client, job_id) for job_id in ids]
     assert [j["status"] for j in jobs] == ["succeeded"] * 6
     assert max(j["provenance"]["batch_size"] for j in jobs) > 1  # several images in one forward pass
