@@ -5,10 +5,10 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from percept.errors import DependencyUnavailable
+from percept.errors import DependencyUnavailable, InvalidInput
 
 
 @lru_cache(maxsize=8)
@@ -34,6 +34,11 @@ def session_scope(url: str) -> Iterator[Session]:
     session = _session_factory(url)()
     try:
         yield session
+    except DataError as exc:  # a value the database cannot hold: NUL bytes in text, numbers out of range
+        session.rollback()
+        reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+        raise InvalidInput(f"A value you sent cannot be stored ({reason}); correct it and send again.",
+                           code="invalid_value") from exc
     except (OperationalError, DBAPIError) as exc:
         session.rollback()
         if isinstance(exc, OperationalError) or exc.connection_invalidated:

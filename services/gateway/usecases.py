@@ -179,7 +179,7 @@ def parse_wait(prefer: str | None, max_wait: float) -> float:
             except ValueError:
                 raise InvalidInput("`Prefer: wait=N` takes a number of seconds, e.g. `wait=10`.",
                                    code="invalid_prefer_wait") from None
-            if seconds < 0:
+            if not seconds >= 0:  # negative, or NaN
                 raise InvalidInput("`Prefer: wait=N` takes a number of seconds >= 0.", code="invalid_prefer_wait")
             return min(seconds, max_wait)
     return 0.0

@@ -184,3 +184,20 @@ def _answers(url: str) -> bool:
         return httpx.get(url + "/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.parametrize("prefer", ["wait=abc", "wait=-1", "wait=nan"])
+def test_a_malformed_prefer_wait_is_a_422(api, prefer):
+    answer = api.post("/v1/classify", files={"image": ("c.jpg", image_bytes(data.coffee()))},
+                      headers={"Prefer": prefer})
+    assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_prefer_wait"
+
+
+def test_values_the_database_cannot_hold_are_a_422(api):
+    """A NUL byte is valid JSON and a valid form value, but no Postgres text column takes it."""
+    for answer in (api.post("/v1/classify", json={"image": "img_\x00"}),
+                   api.post("/v1/collections", json={"name": "team\x00"}),
+                   api.get("/v1/jobs", params={"q": "espresso\x00"})):
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]["code"] == "invalid_value"
+        assert "NUL" in answer.json()["error"]["message"]
