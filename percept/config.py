@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     classify_batch_wait: timedelta = timedelta(milliseconds=2)
     classify_batch_gather: timedelta = timedelta(milliseconds=50)
 
+    # Webhooks: a failed delivery is tried again after retry_base * 2^(attempts-1), up to max_attempts.
+    webhook_timeout: timedelta = timedelta(seconds=10)
+    webhook_retry_base: timedelta = timedelta(seconds=10)
+    webhook_max_attempts: int = 8
+
     # Dataset zips (POST /v1/datasets): the upload cap and the zip-bomb guards.
     max_dataset_bytes: int = 500 * 1024 * 1024
     max_dataset_uncompressed_bytes: int = 2 * 1024**3
@@ -65,7 +70,7 @@ class Settings(BaseSettings):
 
     @field_validator("max_wait", "requeue_after", "job_lease", "sweep_interval", "task_soft_time_limit",
                      "task_hard_time_limit", "classify_batch_wait", "classify_batch_gather",
-                     mode="before")
+                     "webhook_timeout", "webhook_retry_base", mode="before")
     @classmethod
     def _seconds(cls, value: object) -> object:
         """Durations are given in seconds in the environment (PERCEPT_JOB_LEASE=60), or ISO 8601."""

@@ -23,7 +23,8 @@ from services.gateway.events import JobEvents
 from services.gateway.intake import validation_message
 from services.gateway.metrics import make_registry
 from services.gateway.ratelimit import TenantRateLimit
-from services.gateway.routers import classify, faces, health, images, jobs, models, training
+from services.gateway.routers import classify, faces, health, images, jobs, models, training, webhooks
+from services.gateway.webhooks import WebhookSender
 
 log = logging.getLogger("percept.gateway")
 
@@ -115,13 +116,17 @@ def create_app(settings: Settings | None = None, infra: Infra | None = None) -> 
         # Long-polls hold a worker thread each while they read the database; allow many at once.
         anyio.to_thread.current_default_thread_limiter().total_tokens = 200
         app.state.events = JobEvents(resolved.broker_url)
+        webhook_sender = WebhookSender(resolved)
+        app.state.events.on_ended = webhook_sender.wake
         app.state.events.start()
+        webhook_sender.start()
         app.state.key_cache = {}
         app.state.rate_limit = TenantRateLimit(resolved.settings.rate_limit, resolved.broker_url)
         app.state.metrics_registry, app.state.request_latency = make_registry(resolved)
         sweeper = asyncio.create_task(_sweep_forever(resolved))
         yield
         sweeper.cancel()
+        await webhook_sender.stop()
         await app.state.events.stop()
         if owned:
             resolved.close()
@@ -129,7 +134,7 @@ def create_app(settings: Settings | None = None, infra: Infra | None = None) -> 
     app = FastAPI(title="Percept", version="1", lifespan=lifespan,
                   description="Image-AI jobs: classification, captioning, faces and diffusion behind one API.")
     for router in (health.router, images.router, jobs.router, classify.router, models.router, training.router,
-                   faces.router):
+                   faces.router, webhooks.router):
         app.include_router(router)
 
     @app.exception_handler(PerceptError)

@@ -7,7 +7,7 @@ message or a broker outage only slows them down; Postgres stays the record.
 import asyncio
 import logging
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
@@ -28,6 +28,7 @@ class JobEvents:
         self._waiters: dict[str, dict[asyncio.Event, bool]] = defaultdict(dict)
         self._task: asyncio.Task | None = None
         self._ended: OrderedDict[str, None] = OrderedDict()
+        self.on_ended: Callable[[], None] | None = None  # told when any job ends (webhook sender)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._listen())
@@ -57,6 +58,8 @@ class JobEvents:
 
     def _wake(self, job_id: str, terminal: bool) -> None:
         if terminal:
+            if self.on_ended is not None:
+                self.on_ended()
             self._ended[job_id] = None
             if len(self._ended) > RECENTLY_ENDED:
                 self._ended.popitem(last=False)

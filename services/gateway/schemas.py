@@ -2,10 +2,11 @@
 
 from datetime import datetime
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from percept.db.models import Dataset, Image, Job
+from percept.db.models import Dataset, Image, Job, Webhook, WebhookDelivery
 
 
 class ErrorBody(BaseModel):
@@ -199,3 +200,63 @@ class SubjectOut(BaseModel):
     collection: str
     faces: int = 0
     created_at: datetime
+
+
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.canceled"]
+
+
+class WebhookIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(max_length=2000, description="http(s) URL that receives a signed POST per job event")
+    events: list[WebhookEvent] = Field(["job.succeeded", "job.failed", "job.canceled"], min_length=1,
+                                       description="Which job endings to send")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+
+class WebhookOut(BaseModel):
+    id: str
+    url: str
+    events: list[str]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, webhook: Webhook) -> "WebhookOut":
+        return cls(id=webhook.id, url=webhook.url, events=webhook.events, created_at=webhook.created_at)
+
+
+class WebhookCreatedOut(WebhookOut):
+    secret: str = Field(description="Signs every delivery (Percept-Signature); shown only in this answer")
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: int
+    job_id: str
+    event: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+    @classmethod
+    def of(cls, delivery: WebhookDelivery) -> "WebhookDeliveryOut":
+        return cls(id=delivery.id, job_id=delivery.job_id, event=delivery.event, status=delivery.status,
+                   attempts=delivery.attempts,
+                   next_attempt_at=delivery.next_attempt_at if delivery.status == "pending" else None,
+                   last_status_code=delivery.last_status_code, last_error=delivery.last_error,
+                   created_at=delivery.created_at, delivered_at=delivery.delivered_at)

@@ -144,7 +144,7 @@ def _replay(existing: Job, fingerprint: str) -> Job:
     return existing
 
 
-def _job_out(session: Session, job: Job) -> JobOut:
+def job_out(session: Session, job: Job) -> JobOut:
     has_children = JOB_KINDS[job.kind].has_children if job.kind in JOB_KINDS else False
     return JobOut.of(job, job_repo.child_ids(session, job.id) if has_children else [])
 
@@ -154,7 +154,7 @@ def read_job(infra: Infra, tenant_id: str, job_id: str) -> JobOut:
         job = job_repo.get_job(session, tenant_id, job_id)
         if job is None:
             raise NotFound(f"No job {job_id!r}.", code="job_not_found")
-        return _job_out(session, job)
+        return job_out(session, job)
 
 
 def cancel_job(infra: Infra, tenant_id: str, job_id: str) -> JobOut:
@@ -164,7 +164,7 @@ def cancel_job(infra: Infra, tenant_id: str, job_id: str) -> JobOut:
             raise NotFound(f"No job {job_id!r}.", code="job_not_found")
         job = job_repo.cancel(session, job)
         session.commit()
-        out = _job_out(session, job)
+        out = job_out(session, job)
     publish_job_event(infra.broker_url, job_id, out.status)
     return out
 
