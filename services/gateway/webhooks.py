@@ -23,6 +23,7 @@ from services.gateway.usecases import job_out
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "Percept-Signature"
+MIN_SECONDS_BETWEEN_LOOKS = 0.1
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -65,6 +66,8 @@ class WebhookSender:
                     raise
                 except Exception as exc:  # the database is away: try again at the next wake-up
                     log.warning("webhook deliveries postponed: %s", exc)
+                # Jobs end by the dozen per second under load: look for due deliveries at most this often.
+                await asyncio.sleep(MIN_SECONDS_BETWEEN_LOOKS)
 
     async def send_due(self, client: httpx.AsyncClient) -> int:
         """Send one lease of due deliveries at once; the number sent."""
