@@ -129,7 +129,7 @@ class JobRuntime:
         return claimed
 
     def _find_models(self, session: Session, jobs: list[ClaimedJob]) -> None:
-        """Each job's registry row: jobs of tenants asking for the same model share one forward pass."""
+        """Each job's registry row, looked up once per (tenant, model name)."""
         rows: dict[tuple[str, str], Model | None] = {}
         for job in jobs:
             ref = (job.tenant_id, job.model_name)
@@ -171,6 +171,7 @@ class JobRuntime:
 
     @staticmethod
     def _group_by_model(jobs: list[ClaimedJob]) -> list[list[ClaimedJob]]:
+        """Jobs by registry row: tenants asking for the same built-in model share one forward pass."""
         groups: dict[int, list[ClaimedJob]] = defaultdict(list)
         for job in jobs:
             if job.error is not None:
