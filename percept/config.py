@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     webhook_timeout: timedelta = timedelta(seconds=10)
     webhook_retry_base: timedelta = timedelta(seconds=10)
     webhook_max_attempts: int = 8
+    # False: refuse webhook URLs that resolve to loopback, private or link-local addresses (cloud
+    # metadata included), for deployments whose tenants must not reach the internal network.
+    webhook_allow_private: bool = True
 
     # Dataset zips (POST /v1/datasets): the upload cap and the zip-bomb guards.
     max_dataset_bytes: int = 500 * 1024 * 1024

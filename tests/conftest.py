@@ -87,11 +87,16 @@ class Platform:
         self.start("gateway", ["-m", "percept.cli", "gateway"])
         wait_until(self._gateway_up, timeout=60, what="the gateway to answer /healthz")
 
+    def start_replica(self, name: str, **env: str) -> str:
+        """Another gateway on the same database and broker, with its own settings; returns its URL."""
+        port = free_port()
+        self.start(name, ["-m", "percept.cli", "gateway"], PORT=str(port), **env)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _answers(url), timeout=60, what=f"the gateway {name} to answer /healthz")
+        return url
+
     def _gateway_up(self) -> bool:
-        try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return _answers(self.url)
 
     def start_worker(self, name: str = "worker", service: str = "classifier", **extra_env: str) -> subprocess.Popen:
         return self.start(name, ["-m", "workers", service], **extra_env)
@@ -117,6 +122,13 @@ class Platform:
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=90)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def make_infra(data_dir: Path) -> tuple[list, str, str]:

@@ -8,10 +8,13 @@ Delivery is at least once: receivers deduplicate by the `Percept-Delivery` heade
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
+import socket
 import time
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import httpx
 from starlette.concurrency import run_in_threadpool
@@ -30,6 +33,20 @@ def signature(secret: str, timestamp: int, body: bytes) -> str:
     """`t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`: what a receiver recomputes to trust a call."""
     mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
     return f"t={timestamp},v1={mac}"
+
+
+def non_public_address(url: str) -> str | None:
+    """An address the URL's host resolves to that is not on the public internet (loopback, private,
+    link-local such as 169.254.169.254, ...), or None. Blocking: call it from a thread."""
+    try:
+        infos = socket.getaddrinfo(urlsplit(url).hostname, None)
+    except (socket.gaierror, UnicodeError):
+        return None  # it does not resolve: the delivery fails and says so
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(sockaddr[0])
+        if not address.is_global:
+            return str(address)
+    return None
 
 
 class WebhookSender:
@@ -89,13 +106,19 @@ class WebhookSender:
                    "Percept-Event": delivery.event, "Percept-Delivery": str(delivery.id),
                    SIGNATURE_HEADER: signature(delivery.secret, int(time.time()), body)}
         status_code, error = None, None
-        try:
-            answer = await client.post(delivery.url, content=body, headers=headers)
-            status_code = answer.status_code
-            if not answer.is_success:
-                error = f"the receiver answered HTTP {status_code}"
-        except httpx.HTTPError as exc:
-            error = f"{exc.__class__.__name__}: {exc}"[:500] or exc.__class__.__name__
+        # Checked at each send, not only at creation: the name may point elsewhere by now.
+        blocked = (None if self.infra.settings.webhook_allow_private
+                   else await run_in_threadpool(non_public_address, delivery.url))
+        if blocked:
+            error = f"not sent: the URL's host resolves to {blocked}, which is not a public address"
+        else:
+            try:
+                answer = await client.post(delivery.url, content=body, headers=headers)
+                status_code = answer.status_code
+                if not answer.is_success:
+                    error = f"the receiver answered HTTP {status_code}"
+            except httpx.HTTPError as exc:
+                error = f"{exc.__class__.__name__}: {exc}"[:500]
         delivered = error is None
         retry_at = None
         settings = self.infra.settings

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from skimage import data
 
-from tests.conftest import free_port, image_bytes, wait_for_job, wait_until
+from tests.conftest import image_bytes, wait_for_job
 
 pytestmark = pytest.mark.integration
 
@@ -156,13 +156,7 @@ def test_batch_of_concurrent_requests_all_succeed(api):
 
 def test_rate_limit_per_tenant_is_shared_by_gateway_replicas(platform):
     """Two more gateway replicas with a 20-requests-per-minute limit, counting in the same Redis."""
-    replicas = []
-    for name in ("limited-a", "limited-b"):
-        port = free_port()
-        platform.start(name, ["-m", "percept.cli", "gateway"], PORT=str(port), PERCEPT_RATE_LIMIT="20/minute")
-        replicas.append(f"http://127.0.0.1:{port}")
-    for url in replicas:
-        wait_until(lambda url=url: _answers(url), timeout=60, what=f"the gateway at {url}")
+    replicas = [platform.start_replica(name, PERCEPT_RATE_LIMIT="20/minute") for name in ("limited-a", "limited-b")]
     try:
         busy, other = platform.new_key(), platform.new_key()
         answers = [httpx.get(replicas[i % 2] + "/v1/jobs", headers={"Authorization": f"Bearer {busy}"})
@@ -177,14 +171,6 @@ def test_rate_limit_per_tenant_is_shared_by_gateway_replicas(platform):
     finally:
         for name in ("limited-a", "limited-b"):
             platform.kill(name, signal.SIGTERM)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url + "/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
 
 @pytest.mark.parametrize("prefer", ["wait=abc", "wait=-1", "wait=nan"])
 def test_a_malformed_prefer_wait_is_a_422(api, prefer):

@@ -3,13 +3,16 @@
 import hashlib
 import hmac
 import json
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 from skimage import data
 
+from services.gateway.webhooks import non_public_address
 from tests.conftest import image_bytes, wait_until
 
 pytestmark = pytest.mark.integration
@@ -147,3 +150,28 @@ def test_webhooks_are_checked_and_private_to_their_tenant(platform, api, receive
         assert other.delete(f"/v1/webhooks/{webhook['id']}").status_code == 404
     assert api.delete(f"/v1/webhooks/{webhook['id']}").json() == {"id": webhook["id"], "deleted": True}
     assert api.get("/v1/webhooks").json() == []
+
+
+@pytest.mark.parametrize(("url", "blocked"), [
+    ("http://127.0.0.1:9000/x", "127.0.0.1"), ("http://localhost/x", None), ("http://10.1.2.3/x", "10.1.2.3"),
+    ("http://169.254.169.254/latest/meta-data", "169.254.169.254"), ("http://[::1]/x", "::1"),
+    ("https://8.8.8.8/hook", None), ("http://no-such-host.invalid/x", None)])
+def test_non_public_addresses_are_recognised(url, blocked):
+    found = non_public_address(url)
+    if url.startswith("http://localhost"):
+        assert found in ("127.0.0.1", "::1")  # whichever the resolver lists first
+    else:
+        assert found == blocked
+
+
+def test_a_platform_for_untrusted_tenants_keeps_webhooks_off_the_internal_network(platform, api, receiver):
+    guarded = platform.start_replica("no-private-webhooks", PERCEPT_WEBHOOK_ALLOW_PRIVATE="false")
+    try:
+        hook = receiver()
+        answer = httpx.post(guarded + "/v1/webhooks", json={"url": hook.url}, headers=api.headers)
+        assert answer.status_code == 422
+        assert answer.json()["error"]["code"] == "webhook_url_not_allowed"
+        assert answer.json()["error"]["details"]["address"] == "127.0.0.1"
+        assert api.get("/v1/webhooks").json() == []
+    finally:
+        platform.kill("no-private-webhooks", signal.SIGTERM)

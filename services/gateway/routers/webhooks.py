@@ -10,10 +10,11 @@ from percept.db import webhooks as webhook_repo
 from percept.db.ids import new_id
 from percept.db.models import Webhook
 from percept.db.session import session_scope
-from percept.errors import NotFound
+from percept.errors import InvalidInput, NotFound
 from services.gateway.deps import InfraDep, TenantDep
 from services.gateway.routers.jobs import ERRORS
 from services.gateway.schemas import WebhookCreatedOut, WebhookDeliveryOut, WebhookIn, WebhookOut
+from services.gateway.webhooks import non_public_address
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
@@ -30,6 +31,10 @@ async def create_webhook(body: WebhookIn, infra: InfraDep, tenant_id: TenantDep)
     """Subscribe a URL to your jobs' endings. Each delivery is a POST of `{"event", "delivery_id", "job"}`
     with `Percept-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`; keep the secret."""
     def create() -> WebhookCreatedOut:
+        if not infra.settings.webhook_allow_private and (address := non_public_address(body.url)):
+            raise InvalidInput(f"The URL's host resolves to {address}, which is not a public address; "
+                               "this platform only sends webhooks to the public internet.",
+                               code="webhook_url_not_allowed", details={"address": address})
         with session_scope(infra.database_url) as session:
             webhook = webhook_repo.add_webhook(session, Webhook(
                 id=new_id("whk"), tenant_id=tenant_id, url=body.url, events=body.events,
