@@ -30,6 +30,9 @@ def isolated(tmp_path_factory):
     yield plat
     plat.stop_all()
     plat.redis.terminate()
+    # The database test restarts Postgres with pg_ctl, so pgserver's handle no longer tracks the server
+    # that runs: stop it here, or it outlives the tests.
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=plat.server.pgdata, user=plat.server.system_user)
     handles[0].cleanup()
 
 

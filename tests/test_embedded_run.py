@@ -1,0 +1,78 @@
+"""`percept run`, what `make run` starts: embedded Postgres and Redis, local objects, the gateway and a
+worker. It prints the URL and a dev key, Ctrl-C stops every process it started, and the data is still
+there when it starts again."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+from skimage import data
+
+from tests.conftest import ROOT, free_port, image_bytes, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def start(data_dir, port: int, log) -> subprocess.Popen:
+    env = {**os.environ, "PERCEPT_DATA_DIR": str(data_dir), "PORT": str(port), "PERCEPT_LOG_LEVEL": "WARNING"}
+    for name in ("PERCEPT_DATABASE_URL", "PERCEPT_BROKER_URL", "PERCEPT_STORAGE_URL"):
+        env.pop(name, None)
+    # Its own process group, like a terminal's foreground job, so "Ctrl-C" reaches all of it.
+    return subprocess.Popen([sys.executable, "-m", "percept.cli", "run", "--workers", "classifier"], env=env,
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def ctrl_c(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(90) == 0
+    # Nothing of it is left running: workers, gateway, embedded servers.
+    wait_until(lambda: _group_gone(process.pid), timeout=30, what="every process of the group to exit")
+
+
+def _group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return False
+    except ProcessLookupError:
+        return True
+
+
+def test_run_stops_cleanly_and_keeps_its_data(tmp_path):
+    data_dir, port = tmp_path / "data", free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "first.log", "wb") as log:
+        first = start(data_dir, port, log)
+        try:
+            wait_until(lambda: ready(url), timeout=180, interval=0.5, what="percept run to be ready")
+            key = (data_dir / "dev-api-key").read_text().strip()
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=90) as api:
+                job = api.post("/v1/classify", files={"image": ("coffee.jpg", image_bytes(data.coffee()))},
+                               headers={"Prefer": "wait=60"}).json()
+            assert job["status"] == "succeeded" and job["output"]["labels"][0]["label"] == "espresso"
+        finally:
+            ctrl_c(first)
+    printed = (tmp_path / "first.log").read_text()
+    assert url in printed and key in printed and "stopped." in printed
+    assert oct((data_dir / "dev-api-key").stat().st_mode)[-3:] == "600"
+
+    with open(tmp_path / "second.log", "wb") as log:
+        second = start(data_dir, port, log)
+        try:
+            wait_until(lambda: ready(url), timeout=180, interval=0.5, what="percept run to be ready again")
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as api:
+                again = api.get(f"/v1/jobs/{job['id']}").json()
+                photo = api.get(f"/v1/images/{job['provenance']['inputs'][0]['image_id']}/content")
+            assert again["status"] == "succeeded" and again["output"] == job["output"]
+            assert photo.content == image_bytes(data.coffee())
+        finally:
+            ctrl_c(second)
