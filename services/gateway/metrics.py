@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from sqlalchemy import Float, func, select
 
-from percept.db.models import Job
+from percept.db.models import Job, WebhookDelivery
 from percept.db.session import session_scope
 from percept.infra import Infra
 from percept.queue import queue_depths
@@ -24,6 +24,8 @@ class PlatformCollector:
         inference = SummaryMetricFamily("percept_inference_seconds",
                                         "Model inference time of finished jobs", labels=["model"])
         depth = GaugeMetricFamily("percept_queue_depth", "Messages waiting per queue", labels=["queue"])
+        deliveries = GaugeMetricFamily("percept_webhook_deliveries", "Webhook deliveries by status",
+                                       labels=["status"])
         try:
             with session_scope(self.infra.database_url) as session:
                 for kind, status, count in session.execute(
@@ -34,6 +36,9 @@ class PlatformCollector:
                 for name, count, total in session.execute(
                         select(model, func.count(), func.sum(ms)).where(ms.is_not(None)).group_by(model)):
                     inference.add_metric([name or "unknown"], count, (total or 0.0) / 1000)
+                for status, count in session.execute(select(WebhookDelivery.status, func.count())
+                                                     .group_by(WebhookDelivery.status)):
+                    deliveries.add_metric([status], count)
         except Exception as exc:  # a scrape must answer even when the database is down
             log.warning("metrics: database unavailable (%s)", exc.__class__.__name__)
         try:
@@ -41,7 +46,7 @@ class PlatformCollector:
                 depth.add_metric([queue], count)
         except Exception as exc:
             log.warning("metrics: broker unavailable (%s)", exc.__class__.__name__)
-        yield from (jobs, inference, depth)
+        yield from (jobs, inference, depth, deliveries)
 
 
 def make_registry(infra: Infra) -> tuple[CollectorRegistry, Histogram]:

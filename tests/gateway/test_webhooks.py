@@ -88,6 +88,7 @@ def test_a_finished_job_is_posted_signed(api, receiver, coffee_jpeg):
     deliveries = api.get(f"/v1/webhooks/{webhook['id']}/deliveries").json()
     assert [(d["job_id"], d["status"], d["attempts"], d["last_status_code"]) for d in deliveries] == [
         (job["id"], "delivered", 1, 200)]
+    assert 'percept_webhook_deliveries{status="delivered"}' in api.get("/metrics").text
 
 
 def test_a_refused_delivery_is_retried_until_taken(api, receiver):
