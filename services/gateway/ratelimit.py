@@ -1,8 +1,9 @@
 """Per-tenant request rate limit (API.md: 429 + Retry-After over the rate quota).
 
-A sliding-window counter from the `limits` library, kept in the broker's Redis so every gateway
-replica counts against the same window. If Redis cannot be reached the limit is not enforced:
-the broker outage itself turns job submissions into 503s, and reads keep working.
+A moving window from the `limits` library (exact: at most N requests in any period-long span),
+kept in the broker's Redis so every gateway replica counts against the same window. If Redis cannot
+be reached the limit is not enforced: the broker outage itself turns job submissions into 503s, and
+reads keep working.
 """
 
 import logging
@@ -11,7 +12,7 @@ import time
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.aio.strategies import MovingWindowRateLimiter
 
 from percept.errors import QuotaExceeded
 
@@ -36,7 +37,7 @@ class TenantRateLimit:
         storage: Storage = (RedisStorage(uri, implementation="redispy", wrap_exceptions=True,
                                          socket_timeout=1, socket_connect_timeout=1)
                             if uri else MemoryStorage())
-        self.limiter = SlidingWindowCounterRateLimiter(storage)
+        self.limiter = MovingWindowRateLimiter(storage)
 
     async def hit(self, tenant_id: str) -> None:
         """Count one request; raise 429 with the seconds until the window lets the tenant in again."""
