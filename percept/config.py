@@ -27,8 +27,9 @@ class Settings(BaseSettings):
     # A tenant may have this many jobs queued or running before it gets 429.
     max_pending_jobs_per_tenant: int = 1000
     # Requests per tenant (limits notation: "100/second", "5000/hour"), counted in Redis across
-    # gateway replicas; over it, 429 + Retry-After. Empty: no limit.
-    rate_limit: str | None = "100/second"
+    # gateway replicas; over it, 429 + Retry-After. Empty: no limit. The default caps a runaway
+    # client at 100/s on average but lets bursts (a batch of uploads) through.
+    rate_limit: str | None = "6000/minute"
     # Prefer: wait=N is capped here (API.md: N <= 60 s).
     max_wait: timedelta = timedelta(seconds=60)
 
