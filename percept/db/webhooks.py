@@ -49,10 +49,15 @@ class DueDelivery:
     job: Job
 
 
-def take_due(session: Session, lease: timedelta, limit: int = 20) -> list[DueDelivery]:
-    """Pending deliveries whose time has come, leased to the caller (attempt counted now)."""
-    due = (select(WebhookDelivery.id).where(WebhookDelivery.status == "pending",
-                                            WebhookDelivery.next_attempt_at <= func.now())
+def take_due(session: Session, lease: timedelta, max_attempts: int, limit: int = 20) -> list[DueDelivery]:
+    """Pending deliveries whose time has come, leased to the caller (attempt counted now).
+
+    A delivery whose last allowed attempt never reported back (its sender died) is failed here.
+    """
+    is_due = (WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= func.now())
+    session.execute(update(WebhookDelivery).where(*is_due, WebhookDelivery.attempts >= max_attempts)
+                    .values(status="failed", last_error="no answer was recorded for the last attempt"))
+    due = (select(WebhookDelivery.id).where(*is_due)
            .order_by(WebhookDelivery.next_attempt_at).limit(limit).with_for_update(skip_locked=True))
     taken = session.execute(
         update(WebhookDelivery).where(WebhookDelivery.id.in_(due.scalar_subquery()))

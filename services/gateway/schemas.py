@@ -4,6 +4,7 @@ from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from percept.db.models import Dataset, Image, Job, Webhook, WebhookDelivery
@@ -215,7 +216,12 @@ class WebhookIn(BaseModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parsed = urlsplit(value)
+        try:
+            parsed = urlsplit(value)
+            parsed.port  # noqa: B018 - raises on a port that is not a number in range
+            httpx.URL(value)  # what will send it must take it too
+        except (ValueError, httpx.InvalidURL):
+            raise ValueError("is not a valid URL") from None
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
         return value

@@ -95,7 +95,7 @@ class WebhookSender:
     def _take_due(self) -> list[tuple[webhook_repo.DueDelivery, bytes]]:
         lease = self.infra.settings.webhook_timeout * 3
         with session_scope(self.infra.database_url) as session:
-            due = webhook_repo.take_due(session, lease)
+            due = webhook_repo.take_due(session, lease, self.infra.settings.webhook_max_attempts)
             bodies = [json.dumps({"event": d.event, "delivery_id": d.id,
                                   "job": job_out(session, d.job).model_dump(mode="json")}).encode() for d in due]
             session.commit()
@@ -117,7 +117,7 @@ class WebhookSender:
                 status_code = answer.status_code
                 if not answer.is_success:
                     error = f"the receiver answered HTTP {status_code}"
-            except httpx.HTTPError as exc:
+            except Exception as exc:  # whatever stopped the send, it is a failed attempt to record
                 error = f"{exc.__class__.__name__}: {exc}"[:500]
         delivered = error is None
         retry_at = None

@@ -140,7 +140,8 @@ def _queued_job(platform, api) -> str:
 
 def test_webhooks_are_checked_and_private_to_their_tenant(platform, api, receiver):
     hook = receiver()
-    for bad in ({"url": "ftp://example.com/x"}, {"url": "not a url"}, {"url": hook.url, "events": []},
+    for bad in ({"url": "ftp://example.com/x"}, {"url": "not a url"}, {"url": "http://a:b:c/"},
+                {"url": "http://[::1/x"}, {"url": "http://example.com:99999/"}, {"url": hook.url, "events": []},
                 {"url": hook.url, "events": ["job.started"]}, {"url": hook.url, "secret": "mine"}):
         answer = api.post("/v1/webhooks", json=bad)
         assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_parameters", bad
