@@ -39,6 +39,9 @@ class JobCanceled(Exception):
 
 
 class Predictor(Protocol):
+    """May also have `input_size`: the fewest pixels on each side the model needs. The runtime then
+    decodes large photos at a reduced scale, never below it (absent: full resolution, e.g. faces)."""
+
     def setup(self) -> ModelInfo:
         """Load the model (idempotent) and describe it."""
 

@@ -33,7 +33,7 @@ from percept.queue import publish_job_event, send_job
 from percept.storage import object_key_for
 from percept.version import code_version, library_versions
 from workers.finalizers import FINALIZERS
-from workers.model_cache import ModelCache, ModelSource, import_by_name
+from workers.model_cache import LoadedModel, ModelCache, ModelSource, import_by_name
 
 log = logging.getLogger(__name__)
 HOST = socket.gethostname()
@@ -138,12 +138,12 @@ class JobRuntime:
                 rows[ref] = registry.find_version(session, job.tenant_id, name, version)
             job.model_row = rows[ref]
 
-    # 2. Inputs: the images' bytes, decoded
-    def _load_inputs(self, jobs: list[ClaimedJob]) -> None:
+    # 2. Inputs: the images' bytes, decoded at no more than the size the model needs
+    def _load_inputs(self, jobs: list[ClaimedJob], input_size: int | None) -> None:
         for job in jobs:
             try:
-                pictures = [decode_rgb(self.infra.store.get(key), self.infra.settings.max_image_pixels)
-                            for key in job.image_keys]
+                pictures = [decode_rgb(self.infra.store.get(key), self.infra.settings.max_image_pixels,
+                                       at_least=input_size) for key in job.image_keys]
                 job.request = PredictRequest(images=pictures, params=job.params)
             except DependencyUnavailable:
                 raise
@@ -159,11 +159,10 @@ class JobRuntime:
                 for job in jobs:
                     if job.kind in TRAINERS:
                         self._train(job)
-                inference = [job for job in jobs if job.kind not in TRAINERS]
-                if inference:
-                    self._load_inputs(inference)
-                    for group in self._group_by_model(inference):
-                        self._predict(group)
+                for group in self._group_by_model([job for job in jobs if job.kind not in TRAINERS]):
+                    loaded = self._load_model(group[0].model_row)
+                    self._load_inputs(group, getattr(loaded.predictor, "input_size", None))
+                    self._predict([job for job in group if job.error is None], loaded)
             except DependencyUnavailable as exc:
                 self._retry_later(jobs, exc)
                 return
@@ -198,10 +197,12 @@ class JobRuntime:
         limits = DatasetLimits(max_zip_bytes=settings.max_dataset_bytes, max_files=settings.max_dataset_files,
                                max_uncompressed_bytes=settings.max_dataset_uncompressed_bytes,
                                max_image_pixels=settings.max_image_pixels)
+        # Decoded as the trained model will see its inputs when served (no train/serve skew).
+        input_size = getattr(import_by_name(spec.serves_with), "input_size", None)
         samples, skipped = [], 0
         for entry in iter_dataset(archive, limits):
             try:
-                samples.append((decode_rgb(entry.data, settings.max_image_pixels), entry.label))
+                samples.append((decode_rgb(entry.data, settings.max_image_pixels, at_least=input_size), entry.label))
             except PerceptError:
                 skipped += 1
         load_ms = (time.perf_counter() - started) * 1000
@@ -235,17 +236,23 @@ class JobRuntime:
                                                              "skipped_files": skipped}}
         job.timings = {"load": round(load_ms, 2), "inference": round((time.perf_counter() - started) * 1000, 2)}
 
-    # 3. Predict
-    def _predict(self, jobs: list[ClaimedJob]) -> None:
-        row = jobs[0].model_row
-        assert row is not None
-        model_id = row.id
-        model_name = f"{row.name}:{row.version}"
-        loaded = self.models.get(f"model-{model_id}", lambda: self._model_source(row))
+    def _load_model(self, row: Model | None) -> LoadedModel:
+        """The row's predictor, set up once per process; a built-in model's weights hash is recorded."""
+        assert row is not None  # _group_by_model failed the jobs without one
+        loaded = self.models.get(f"model-{row.id}", lambda: self._model_source(row))
         if loaded.load_ms and row.tenant_id is None:
             with session_scope(self.infra.database_url) as session:
                 registry.record_weights(session, row.id, loaded.info.sha256)
                 session.commit()
+        return loaded
+
+    # 3. Predict
+    def _predict(self, jobs: list[ClaimedJob], loaded: LoadedModel) -> None:
+        if not jobs:
+            return
+        row = jobs[0].model_row
+        assert row is not None
+        model_name = f"{row.name}:{row.version}"
         # Provenance names the registry's model; the predictor supplies what it actually loaded.
         info = ModelInfo(row.name, row.version, loaded.info.sha256, loaded.info.device, loaded.info.libraries)
         started = time.perf_counter()
@@ -258,7 +265,7 @@ class JobRuntime:
         except ValueError as exc:
             if len(jobs) > 1:  # one bad request must not fail its batch neighbours: run them one by one
                 for job in jobs:
-                    self._predict([job])
+                    self._predict([job], loaded)
                 return
             outputs, errors = [None], [input_error(exc)]
         except Exception:  # a bug or a broken model: fail these jobs, keep the worker serving

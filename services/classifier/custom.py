@@ -227,6 +227,8 @@ def library_versions() -> dict[str, str]:
 class CustomClassifier:
     """A trained custom classifier behind the predictor contract (see the module docstring)."""
 
+    input_size = RESIZE_SIZE  # the ImageNet classifier's preprocessing
+
     def __init__(self, artifact: bytes, name: str, version: str):
         self.artifact = artifact
         self.name = name

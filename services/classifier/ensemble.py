@@ -34,7 +34,7 @@ from services.classifier.custom import (
     load_custom_model,
     preprocess_batch,
 )
-from services.classifier.predictor import ClassifyParams, check_classify_request, report_step
+from services.classifier.predictor import RESIZE_SIZE, ClassifyParams, check_classify_request, report_step
 
 MIN_WEIGHT = 0.01
 
@@ -59,6 +59,8 @@ def member_weights(per_class_f1: dict[str, float | None], labels: list[str], ref
 
 class EnsembleClassifier:
     """Per-class F1-weighted ensemble of custom classifiers (see the module docstring)."""
+
+    input_size = RESIZE_SIZE  # its members share the ImageNet classifier's preprocessing
 
     def __init__(self, artifact: bytes, name: str, version: str):
         self.artifact = artifact

@@ -103,6 +103,8 @@ class ClassificationOutput:
 class ImageNetClassifier:
     """The classifier service's ImageNet predictor (see the module docstring for inputs and outputs)."""
 
+    input_size = RESIZE_SIZE  # preprocess() resizes the shorter side to this first
+
     def __init__(self, *, weights_path: Path | None = None, device: str = "cpu"):
         self.weights_path = weights_path
         self.device = device

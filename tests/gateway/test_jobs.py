@@ -187,3 +187,13 @@ def test_values_the_database_cannot_hold_are_a_422(api):
         assert answer.status_code == 422, answer.text
         assert answer.json()["error"]["code"] == "invalid_value"
         assert "NUL" in answer.json()["error"]["message"]
+
+
+def test_a_camera_sized_photo_is_classified_from_a_reduced_decode(api):
+    """A 3.8-megapixel JPEG is decoded at 1/4 scale for the model (its short side stays >= 256)."""
+    from PIL import Image
+
+    big = Image.fromarray(data.coffee()).resize((2400, 1600), Image.Resampling.BICUBIC)
+    job = api.post("/v1/classify", files={"image": ("big.jpg", image_bytes(big, quality=85))},
+                   headers={"Prefer": "wait=60"}).json()
+    assert job["status"] == "succeeded" and job["output"]["labels"][0]["label"] == "espresso"

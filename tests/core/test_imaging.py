@@ -1,0 +1,52 @@
+"""Decoding at a reduced scale: large JPEGs come back smaller but never under what the caller needs,
+oriented as a person sees them; other formats and small images are left as they are."""
+
+from io import BytesIO
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from percept.imaging import decode_rgb, inspect_image, oriented_size
+
+MAX_PIXELS = 40_000_000
+
+
+def photo(width: int, height: int, fmt: str = "JPEG", orientation: int | None = None) -> bytes:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    buffer = BytesIO()
+    image.save(buffer, format=fmt, exif=exif)
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_reduced_but_never_under_the_size_asked():
+    data = photo(4000, 3000)
+    full = decode_rgb(data, MAX_PIXELS)
+    reduced = decode_rgb(data, MAX_PIXELS, at_least=256)
+    assert full.size == (4000, 3000)
+    assert reduced.size == (500, 375)  # 1/8: the largest reduction keeping both sides >= 256
+    assert decode_rgb(data, MAX_PIXELS, at_least=1000).size == (2000, 1500)  # 1/4 would leave 750
+    assert oriented_size(data, MAX_PIXELS) == (4000, 3000)
+
+
+def test_orientation_applies_to_the_reduced_decode_and_to_the_size():
+    data = photo(4000, 3000, orientation=6)  # rotated 90 degrees: a portrait photo
+    assert decode_rgb(data, MAX_PIXELS, at_least=256).size == (375, 500)
+    assert oriented_size(data, MAX_PIXELS) == (3000, 4000)
+    assert (inspect_image(data, MAX_PIXELS).width, inspect_image(data, MAX_PIXELS).height) == (3000, 4000)
+
+
+@pytest.mark.parametrize(("size", "fmt"), [((4000, 3000), "PNG"), ((300, 200), "JPEG")])
+def test_other_formats_and_small_images_are_left_whole(size, fmt):
+    assert decode_rgb(photo(*size, fmt=fmt), MAX_PIXELS, at_least=256).size == size
+
+
+def test_a_truncated_photo_is_still_refused_when_checked_at_the_smallest_scale():
+    data = photo(2000, 1500)
+    with pytest.raises(Exception) as refused:
+        inspect_image(data[: int(len(data) * 0.95)], MAX_PIXELS)
+    assert getattr(refused.value, "code", None) == "corrupt_image"
