@@ -158,12 +158,18 @@ def main() -> None:
     print(f"direct  one image: p50 {direct_ms:.1f} ms")
 
     api = api_figures()
+    # A shared VM drifts by a third within minutes: measure the direct figures again after the API run
+    # and compare with the mean of both, so the ratio says less about the moment and more about the code.
+    direct_ms = (direct_ms + direct_latency_ms()) / 2
+    rate_16 = (rates[16] + direct_throughput(16)) / 2
+    print(f"direct  batch 16 and one image, mean of before and after the API run: {rate_16:.1f} images/s, "
+          f"p50 {direct_ms:.1f} ms")
     print(f"API     concurrency  1: p50 {api['p50_ms']:.1f} ms, p99 {api['p99_ms']:.1f} ms, "
           f"overhead over the direct call {api['p50_ms'] - direct_ms:.1f} ms (target <= 15)")
     print(f"API     concurrency  1: time outside the model's predict() in the same requests: "
           f"p50 {api['outside_model_p50_ms']:.1f} ms")
     print(f"API     concurrency 16: {api['throughput_16']:.1f} images/s = "
-          f"{100 * api['throughput_16'] / rates[16]:.0f}% of direct batch 16 (target >= 70%)")
+          f"{100 * api['throughput_16'] / rate_16:.0f}% of direct batch 16 (target >= 70%)")
     print(f"gateway resident memory: {api['gateway_rss_mb']:.0f} MB (target < 200)")
 
 
