@@ -13,8 +13,6 @@ from sqlalchemy.orm import Session
 
 from percept.db.models import Job, Webhook, WebhookDelivery
 
-EVENTS = ("job.succeeded", "job.failed", "job.canceled")
-
 
 def add_webhook(session: Session, webhook: Webhook) -> Webhook:
     session.add(webhook)

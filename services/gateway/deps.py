@@ -45,20 +45,20 @@ async def get_tenant_id(request: Request, infra: InfraDep) -> str:
     hashed = hash_key(key)
     cached = cache.get(hashed)
     if cached and cached[1] > time.monotonic():
-        await request.app.state.rate_limit.hit(cached[0])
-        return cached[0]
-
-    def lookup() -> str | None:
-        with session_scope(infra.database_url) as session:
-            return tenant_id_for_key(session, key)
-
-    tenant_id = await run_in_threadpool(lookup)
-    if tenant_id is None:
-        raise Unauthorized("The API key is not valid; create one with `percept keys create NAME`.",
-                           code="invalid_api_key")
-    cache[hashed] = (tenant_id, time.monotonic() + KEY_CACHE_SECONDS)
+        tenant_id = cached[0]
+    else:
+        tenant_id = await run_in_threadpool(_tenant_of_key, infra, key)
+        if tenant_id is None:
+            raise Unauthorized("The API key is not valid; create one with `percept keys create NAME`.",
+                               code="invalid_api_key")
+        cache[hashed] = (tenant_id, time.monotonic() + KEY_CACHE_SECONDS)
     await request.app.state.rate_limit.hit(tenant_id)
     return tenant_id
+
+
+def _tenant_of_key(infra: Infra, key: str) -> str | None:
+    with session_scope(infra.database_url) as session:
+        return tenant_id_for_key(session, key)
 
 
 TenantDep = Annotated[str, Depends(get_tenant_id)]

@@ -15,17 +15,17 @@ from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from percept.errors import QuotaExceeded
+from percept.queue import redis_client_url
 
 log = logging.getLogger(__name__)
 
 
 def limits_storage_uri(broker_url: str) -> str | None:
     """The `limits` URI of a Redis broker URL; None when the broker is not Redis."""
-    for prefix, scheme in (("redis+socket://", "async+redis+unix://"), ("redis://", "async+redis://"),
-                           ("rediss://", "async+rediss://")):
-        if broker_url.startswith(prefix):
-            return scheme + broker_url.removeprefix(prefix)
-    return None
+    url = redis_client_url(broker_url)
+    if url.startswith("unix://"):
+        return "async+redis+unix://" + url.removeprefix("unix://")
+    return "async+" + url if url.startswith(("redis://", "rediss://")) else None
 
 
 class TenantRateLimit:

@@ -1,7 +1,7 @@
 """Request and response schemas of the public API (API.md). ORM classes live in percept.db.models."""
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import httpx
@@ -210,7 +210,7 @@ class WebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(max_length=2000, description="http(s) URL that receives a signed POST per job event")
-    events: list[WebhookEvent] = Field(["job.succeeded", "job.failed", "job.canceled"], min_length=1,
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(get_args(WebhookEvent)), min_length=1,
                                        description="Which job endings to send")
 
     @field_validator("url")
