@@ -3,9 +3,10 @@
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -69,6 +70,12 @@ class Settings(BaseSettings):
     api_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
 
+    # Which device the models run on: auto (a CUDA GPU when the framework sees one, else the CPU), cpu,
+    # cuda or cuda:N. A device that cannot be had stops the worker at start-up (percept/devices.py).
+    device: str = "auto"
+    # Declaration modules of a deployment's own services, beside the platform's (percept/services.py).
+    extra_services: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     code_version: str | None = None
     log_level: str = "INFO"
 
@@ -96,6 +103,21 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"{value!r} is not a rate; write it like `100/second` or `5000/hour`") from None
         return value or None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        from percept.devices import check_device_setting
+
+        return check_device_setting(value)
+
+    @field_validator("extra_services", mode="before")
+    @classmethod
+    def _modules(cls, value: object) -> object:
+        """A comma-separated list in the environment (PERCEPT_EXTRA_SERVICES=a.service,b.service)."""
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [module.strip() for module in value.split(",") if module.strip()]
+        return value
 
     @field_validator("data_dir")
     @classmethod

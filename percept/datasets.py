@@ -3,7 +3,8 @@
 Nothing is extracted to disk. The central directory is checked before any member is inflated
 (paths, symlinks, encryption, declared sizes and compression ratios), and each member is then
 read with a byte budget of its declared size, so a zip bomb or a lying header is refused, never
-allocated. This runs in the gateway: Pillow and the standard library only (no numpy).
+allocated. Analysis runs as a job (`analyze_dataset`, on the datasets queue) so that the gateway only
+stores the upload; Pillow and the standard library only (no numpy).
 """
 
 import hashlib
@@ -23,6 +24,12 @@ from PIL import Image
 
 from percept.errors import PerceptError
 from percept.imaging import decode_rgb, oriented_size
+from percept.predictor import StepCallback, TrainingData, TrainingResult
+from percept.services import DATASETS_QUEUE, JobKind
+
+# The platform's own job kind: a dataset's report is the output of its analysis job.
+ANALYZE_DATASET = JobKind("analyze_dataset", queue=DATASETS_QUEUE, task="percept.analyze_dataset",
+                          trainer="percept.datasets:DatasetAnalyzer")
 
 # Near duplicates: 64-bit dHashes at most this many bits apart. Re-encoding, resizing or a small
 # brightness change flips a few bits; unrelated images differ in about half of them (32 +- 4), so 6
@@ -83,6 +90,12 @@ class DatasetLimits:
     max_compression_ratio: float = 200.0  # per member
     max_image_pixels: int = 40_000_000
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> "DatasetLimits":
+        return cls(max_zip_bytes=settings.max_dataset_bytes, max_files=settings.max_dataset_files,
+                   max_uncompressed_bytes=settings.max_dataset_uncompressed_bytes,
+                   max_image_pixels=settings.max_image_pixels)
+
 
 @dataclass
 class DatasetEntry:
@@ -122,6 +135,15 @@ def iter_dataset(zip_bytes: bytes, limits: DatasetLimits) -> Iterator[DatasetEnt
     can still raise `not_a_zip` if its data turns out to be corrupt.
     """
     return _read_entries(_open_manifest(zip_bytes, limits))
+
+
+class DatasetAnalyzer:
+    """The `analyze_dataset` job: the report of `analyse_dataset` as the job's output (no model)."""
+
+    def train(self, data: TrainingData, params: dict[str, Any], on_step: StepCallback) -> TrainingResult:
+        if data.archive is None:
+            raise ValueError("an analysis job needs a dataset")
+        return TrainingResult(metrics={}, output={"report": analyse_dataset(data.archive, data.limits)})
 
 
 def analyse_dataset(zip_bytes: bytes, limits: DatasetLimits) -> dict[str, Any]:

@@ -1,12 +1,19 @@
-"""The contract between the worker runtime and a service's predictor (cog's BasePredictor, batched).
+"""The two contracts between the worker runtime and a service: `Predictor` and `Trainer`.
 
-A predictor is constructed with no arguments besides keyword configuration, loads its model in
-`setup()` (once, lazily, idempotent) and then answers `predict()` many times. It knows nothing of
-HTTP, Celery or the database: the worker runtime hands it decoded inputs and stores what it returns.
+A predictor is constructed with keyword configuration only (a trained model's: `artifact`, `name`,
+`version`), loads its model in `setup()` (once, lazily, idempotent) and then answers `predict()` many
+times. A trainer turns a dataset and parameters into a model artifact, its metrics and card, and names
+the predictor that serves it. Neither knows anything of HTTP, Celery or the database: the runtime hands
+them decoded inputs and stores what they return. Both take their device from the settings
+(`PERCEPT_DEVICE`, see `percept.devices`).
 """
 
+import hashlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -17,7 +24,7 @@ class ModelInfo:
     name: str
     version: str
     sha256: str | None
-    device: str = "cpu"
+    device: str = "cpu"  # as used: "cpu" or "cuda:0 (NVIDIA H100 80GB HBM3)"
     libraries: dict[str, str] = field(default_factory=dict)
 
 
@@ -35,7 +42,7 @@ class StepCallback(Protocol):
 
 
 class JobCanceled(Exception):
-    """Raised by a step callback so a long predictor stops at its next step boundary."""
+    """Raised by a step callback so a long predictor or trainer stops at its next step boundary."""
 
 
 class Predictor(Protocol):
@@ -45,6 +52,98 @@ class Predictor(Protocol):
     def setup(self) -> ModelInfo:
         """Load the model (idempotent) and describe it."""
 
-    def predict(self, requests: list[PredictRequest], on_step: Callable[..., None] | None = None
+    def predict(self, requests: list[PredictRequest], on_step: StepCallback | None = None
                 ) -> list[dict[str, Any]]:
         """One output (JSON-able dict) per request, in order; raise ValueError for bad input."""
+
+
+class BasePredictor:
+    """The thread-safe, lazy, idempotent `setup()` every predictor shares: subclasses write `load()`."""
+
+    input_size: int | None = None
+
+    def __init__(self) -> None:
+        self._info: ModelInfo | None = None
+        self._setup_lock = threading.Lock()
+
+    def setup(self) -> ModelInfo:
+        """Load once (concurrent callers wait for the first); later calls return the same ModelInfo."""
+        if self._info is None:
+            with self._setup_lock:
+                if self._info is None:
+                    self._info = self.load()
+        return self._info
+
+    def load(self) -> ModelInfo:
+        """Load the model's weights onto the device and describe what was loaded."""
+        raise NotImplementedError
+
+    def predict(self, requests: list[PredictRequest], on_step: StepCallback | None = None
+                ) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ModelArtifact:
+    """A registered model a training job starts from (an ensemble's members, a model to fine-tune)."""
+
+    ref: str  # "name:version"
+    artifact: bytes
+    metrics: dict[str, Any]
+    card: dict[str, Any]
+
+
+@dataclass
+class TrainingData:
+    """What a training job is given: its dataset zip (untrusted: read it through `percept.datasets`,
+    which applies `limits`) and any registered models named in its inputs."""
+
+    archive: bytes | None
+    limits: Any  # percept.datasets.DatasetLimits
+    models: list[ModelArtifact] = field(default_factory=list)
+    dataset: dict[str, Any] = field(default_factory=dict)  # {"id", "sha256"} of the dataset, if any
+
+
+@dataclass
+class TrainingResult:
+    """What a trainer returns. `predictor` ("module:Class") serves `artifact` (one file; a trainer with
+    several packs them); the runtime registers it as the next version of the job's `name`. A job that
+    makes no model (dataset analysis) returns no predictor and puts what it found in `output`."""
+
+    metrics: dict[str, Any]
+    card: dict[str, Any] = field(default_factory=dict)
+    artifact: bytes | None = None
+    predictor: str | None = None
+    model_kind: str | None = None  # the job kind the model answers
+    output: dict[str, Any] = field(default_factory=dict)  # more of the job's output, beside the metrics
+    device: str = "cpu"
+
+
+class Trainer(Protocol):
+    def train(self, data: TrainingData, params: dict[str, Any], on_step: StepCallback) -> TrainingResult:
+        """Train; raise ValueError with a sentence for unusable data or params. `on_step` raises
+        JobCanceled when the job was canceled: let it propagate."""
+
+
+def report_step(on_step: StepCallback | Callable[..., None] | None, done: int, total: int,
+                info: dict[str, Any] | None = None) -> None:
+    """Report a step; the callback raises JobCanceled when the job was canceled, so this is also
+    where a long job stops."""
+    if on_step is not None:
+        on_step(done, total, info)
+
+
+@cache
+def file_sha256(path: Path) -> str:
+    """The sha256 of a weights file (cached: the files of an installed package do not change)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_model_ref(ref: str) -> tuple[str, str]:
+    """`name` or `name:version` -> (name, version); an empty version means the latest."""
+    name, _, version = ref.partition(":")
+    return name, version

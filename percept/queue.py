@@ -1,9 +1,9 @@
-"""Queue names, task names and the payload contract shared by the gateway and the workers.
+"""The broker side of jobs, shared by the gateway and the workers: queues and tasks come from the
+services' declarations (`percept.services`), payloads are a job id.
 
 The gateway sends tasks **by name** with the job id only; it never imports a worker's task module.
 """
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import redis
@@ -11,32 +11,8 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from percept.errors import DependencyUnavailable
+from percept.services import catalog
 
-
-@dataclass(frozen=True)
-class JobKind:
-    """A kind of job: the queue that carries it and the task that runs it."""
-
-    name: str
-    queue: str
-    task: str
-    # Fans out into child jobs (a grid): only these need their children listed.
-    has_children: bool = False
-
-
-CLASSIFY = JobKind("classify", queue="classifier", task="percept.classify")
-# Training has its own queue: a long job must not hold up classification.
-TRAIN_CLASSIFIER = JobKind("train_classifier", queue="classifier-train", task="percept.train_classifier")
-
-FACES_DETECT = JobKind("faces_detect", queue="facerec", task="percept.faces_detect")
-FACES_VERIFY = JobKind("faces_verify", queue="facerec", task="percept.faces_verify")
-FACES_ENROLL = JobKind("faces_enroll", queue="facerec", task="percept.faces_enroll")
-FACES_IDENTIFY = JobKind("faces_identify", queue="facerec", task="percept.faces_identify")
-MEMES = JobKind("memes", queue="facerec", task="percept.memes")
-FACE_KINDS = (FACES_DETECT, FACES_VERIFY, FACES_ENROLL, FACES_IDENTIFY, MEMES)
-
-JOB_KINDS: dict[str, JobKind] = {kind.name: kind for kind in (CLASSIFY, TRAIN_CLASSIFIER, *FACE_KINDS)}
-QUEUES: tuple[str, ...] = tuple(sorted({kind.queue for kind in JOB_KINDS.values()}))
 
 # Workers publish "<job id> <status>" here after each committed status or progress change; the
 # gateway's long-polls and SSE streams wake on it instead of polling the database.
@@ -47,7 +23,7 @@ def make_celery(broker_url: str, name: str = "percept") -> Celery:
     """The Celery app both sides configure the same way (the worker adds its tasks)."""
     app = Celery(name, broker=broker_url)
     app.conf.update(
-        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in catalog().queues],
         task_default_queue="default",
         task_serializer="json",
         accept_content=["json"],
@@ -80,7 +56,7 @@ def producer(broker_url: str) -> Celery:
 
 def send_job(broker_url: str, kind: str, job_id: str, countdown: float | None = None) -> None:
     """Send the job's task by name; raise DependencyUnavailable when the broker does not take it."""
-    job_kind = JOB_KINDS[kind]
+    job_kind = catalog().kind(kind)
     try:
         producer(broker_url).send_task(
             job_kind.task, args=[job_id], queue=job_kind.queue, countdown=countdown,
@@ -121,4 +97,4 @@ def waiting_messages(broker_url: str, queue: str) -> int:
 
 def queue_depths(broker_url: str) -> dict[str, int]:
     client = redis_client(broker_url)
-    return {queue: int(client.llen(queue)) for queue in QUEUES}
+    return {queue: int(client.llen(queue)) for queue in catalog().queues}

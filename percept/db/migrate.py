@@ -21,3 +21,16 @@ def upgrade(database_url: str, revision: str = "head", pgvector: bool | None = N
     config = alembic_config(database_url)
     config.attributes["pgvector"] = pgvector
     command.upgrade(config, revision)
+    if revision == "head":
+        seed_builtin_models(database_url)
+
+
+def seed_builtin_models(database_url: str) -> None:
+    """The services' built-in models into the registry: declared in code, not in migration files."""
+    from percept.db import registry
+    from percept.db.session import session_scope
+    from percept.services import catalog
+
+    with session_scope(database_url) as session:
+        registry.seed_builtin(session, catalog().models)
+        session.commit()

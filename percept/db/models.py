@@ -139,7 +139,10 @@ class Dataset(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     object_key: Mapped[str] = mapped_column(String(200))
     bytes: Mapped[int] = mapped_column(BigInteger)
-    summary: Mapped[dict[str, Any]]
+    # The `analyze_dataset` job: its status is the dataset's (queued/running: analyzing, succeeded:
+    # ready with the job's report, failed: the job's error). Null on datasets analysed at upload.
+    analysis_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    summary: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
@@ -161,6 +164,8 @@ class Model(Base):
     # trained models, the object key of its artifact (weights, labels, threshold).
     predictor: Mapped[str] = mapped_column(String(200))
     artifact_key: Mapped[str | None] = mapped_column(String(200))
+    # Where a worker last loaded it: "cpu" or "cuda:0 (NVIDIA H100 80GB HBM3)".
+    device: Mapped[str | None] = mapped_column(String(120))
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     card: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())

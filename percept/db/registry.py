@@ -1,9 +1,13 @@
 """The model registry: what models exist, their versions, weights sha256 and metrics."""
 
+from collections.abc import Iterable
+
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from percept.db.models import Model
+from percept.services import BuiltinModel
 
 
 def visible(tenant_id: str):
@@ -18,12 +22,6 @@ def list_models(session: Session, tenant_id: str) -> list[Model]:
 def model_versions(session: Session, tenant_id: str, name: str) -> list[Model]:
     return list(session.scalars(
         select(Model).where(visible(tenant_id), Model.name == name).order_by(Model.id)))
-
-
-def record_weights(session: Session, model_id: int, sha256: str | None) -> None:
-    """Workers fill in the weights hash of a built-in model the first time they load it."""
-    session.execute(update(Model).where(Model.id == model_id, Model.weights_sha256.is_distinct_from(sha256))
-                    .values(weights_sha256=sha256))
 
 
 def find_version(session: Session, tenant_id: str, name: str, version: str) -> Model | None:
@@ -45,3 +43,22 @@ def register_version(session: Session, tenant_id: str, model: Model) -> Model:
 def is_builtin_name(session: Session, name: str) -> bool:
     return session.scalar(select(func.count()).select_from(Model)
                           .where(Model.tenant_id.is_(None), Model.name == name)) > 0
+
+
+def seed_builtin(session: Session, models: Iterable[BuiltinModel]) -> None:
+    """Insert or update the declared built-in models (name + version), keeping what workers recorded."""
+    for declared in models:
+        values = {"kind": declared.kind, "predictor": declared.predictor, "metrics": declared.metrics,
+                  "card": declared.card, "status": "ready"}
+        statement = insert(Model).values(tenant_id=None, name=declared.name, version=declared.version, **values)
+        session.execute(statement.on_conflict_do_update(
+            index_elements=[Model.tenant_id, Model.name, Model.version], set_=values))
+
+
+def record_loaded(session: Session, model_id: int, device: str, sha256: str | None = None) -> None:
+    """What a worker found when it loaded a model: the device it runs on and, for a built-in model,
+    the weights hash (a trained model's hash is its artifact's, known at registration)."""
+    values: dict[str, object] = {"device": device}
+    if sha256 is not None:
+        values["weights_sha256"] = sha256
+    session.execute(update(Model).where(Model.id == model_id).values(**values))

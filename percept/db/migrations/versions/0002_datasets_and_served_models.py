@@ -33,8 +33,6 @@ def upgrade() -> None:
     )
     op.add_column("models", sa.Column("predictor", sa.String(length=200), nullable=True))
     op.add_column("models", sa.Column("artifact_key", sa.String(length=200), nullable=True))
-    op.execute("UPDATE models SET predictor = 'services.classifier.predictor:ImageNetClassifier' "
-               "WHERE name = 'imagenet-efficientnet-lite0'")
     op.alter_column("models", "predictor", nullable=False)
 
 

@@ -7,7 +7,6 @@ Create Date: 2026-11-22
 
 import sqlalchemy as sa
 from alembic import context, op
-from sqlalchemy.dialects import postgresql
 
 revision = "0003"
 down_revision = "0002"
@@ -79,29 +78,7 @@ def upgrade() -> None:
                    "USING hnsw (embedding vector_l2_ops) WITH (m = 16, ef_construction = 64)")
 
 
-    # The built-in face models: one registry entry per job kind, each served by its predictor class.
-    models = sa.table("models", sa.column("name"), sa.column("version"), sa.column("kind"), sa.column("status"),
-                      sa.column("predictor"), sa.column("metrics", postgresql.JSONB),
-                      sa.column("card", postgresql.JSONB))
-    dlib = "dlib 20: HOG or CNN (mmod) detector, 5/68-point landmarks, ResNet 128-d embeddings (face_recognition_models)"
-    op.bulk_insert(models, [
-        {"name": name, "version": "1", "kind": kind, "status": "ready", "predictor": f"services.facerec.predictors:{cls}",
-         "metrics": metrics, "card": {"description": description}}
-        for name, kind, cls, metrics, description in (
-            ("dlib-face-detector", "faces_detect", "FaceDetectPredictor", {},
-             dlib + "; FER2013 mini-Xception expressions (fer) on TensorFlow"),
-            ("dlib-face-enroller", "faces_enroll", "FaceEmbedPredictor", {"lfw_accuracy": 0.9938}, dlib),
-            ("dlib-face-verifier", "faces_verify", "FaceVerifyPredictor", {"lfw_accuracy": 0.9938}, dlib),
-            ("dlib-face-identifier", "faces_identify", "FaceIdentifyPredictor", {"lfw_accuracy": 0.9938}, dlib),
-            ("fer-meme-maker", "memes", "MemePredictor", {},
-             "main face's FER2013 expression (mini-Xception, fer) -> a curated caption rendered on the photo"),
-        )
-    ])
-
-
 def downgrade() -> None:
-    op.execute("DELETE FROM models WHERE tenant_id IS NULL AND kind IN "
-               "('faces_detect', 'faces_enroll', 'faces_verify', 'faces_identify', 'memes')")
     op.drop_table("face_embeddings")
     op.drop_index(op.f("ix_subjects_collection_id"), table_name="subjects")
     op.drop_table("subjects")
