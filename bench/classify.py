@@ -1,9 +1,13 @@
 """Classifier figures: the predictor called directly, then the same model through the whole platform
 (gateway, Postgres, Redis, worker, storage) as `percept run` starts it on this machine.
 
-Run: make bench   (or .venv/bin/python bench/classify.py)
+Run: make bench   (or .venv/bin/python bench/classify.py [--device auto|cpu|cuda|cuda:N])
+
+--device sets PERCEPT_DEVICE for the direct predictor and for the platform's workers alike (default: the
+environment's PERCEPT_DEVICE, else auto); the device each side used is printed.
 """
 
+import argparse
 import functools
 import os
 import shutil
@@ -18,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -25,6 +30,8 @@ import torch
 from PIL import Image
 from skimage import data
 
+from percept.config import get_settings
+from percept.devices import check_device_setting
 from percept.predictor import PredictRequest
 from services.classifier.predictor import ImageNetClassifier
 
@@ -88,16 +95,21 @@ def running_platform():
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def classify_once(client: httpx.Client, image_id: str) -> tuple[float, float]:
-    """(latency, the worker's own predict() time for this job), both in ms."""
-    started = time.perf_counter()
+def classify_job(client: httpx.Client, image_id: str) -> dict:
     job = client.post("/v1/classify", json={"image": image_id}, headers={"Prefer": "wait=30"}).json()
     if job.get("status") != "succeeded":
         raise RuntimeError(f"job did not succeed: {job}")
+    return job
+
+
+def classify_once(client: httpx.Client, image_id: str) -> tuple[float, float]:
+    """(latency, the worker's own predict() time for this job), both in ms."""
+    started = time.perf_counter()
+    job = classify_job(client, image_id)
     return (time.perf_counter() - started) * 1000, job["provenance"]["timings_ms"]["inference"]
 
 
-def api_figures(requests_at_1: int = 100, seconds_at_16: float = 20.0) -> dict[str, float]:
+def api_figures(requests_at_1: int = 100, seconds_at_16: float = 20.0) -> dict[str, Any]:
     with running_platform() as (url, key, gateway):
         headers = {"Authorization": f"Bearer {key}"}
         photo = BytesIO()
@@ -106,6 +118,8 @@ def api_figures(requests_at_1: int = 100, seconds_at_16: float = 20.0) -> dict[s
             image_id = client.post("/v1/images", files={"file": ("coffee.jpg", photo.getvalue())}).json()["id"]
             for _ in range(5):  # warm-up: model load, connection pools
                 classify_once(client, image_id)
+            # As its provenance records it: the device the worker's model ran on.
+            worker_device = classify_job(client, image_id)["provenance"].get("worker", {}).get("device")
             timed = [classify_once(client, image_id) for _ in range(requests_at_1)]
             latencies = sorted(latency for latency, _ in timed)
 
@@ -132,6 +146,7 @@ def api_figures(requests_at_1: int = 100, seconds_at_16: float = 20.0) -> dict[s
             "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
             "throughput_16": done / elapsed,
             "gateway_rss_mb": gateway.memory_info().rss / 2**20,
+            "worker_device": worker_device,
         }
 
 
@@ -149,7 +164,24 @@ def direct_latency_ms(samples: int = 100) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: PERCEPT_DEVICE, else auto)")
+    args = parser.parse_args()
+    if args.device:
+        try:
+            check_device_setting(args.device)
+        except ValueError as exc:
+            parser.error(str(exc))
+        # Through the setting, so the direct predictor and the platform's worker processes agree.
+        os.environ["PERCEPT_DEVICE"] = args.device
+        get_settings.cache_clear()
+    try:
+        device = loaded_predictor().setup().device
+    except ValueError as exc:  # a GPU this machine does not have
+        sys.exit(str(exc))
+
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    print(f"device: PERCEPT_DEVICE={get_settings().device} -> {device}")
     rates = {}
     for batch_size in (1, 16):
         rate = rates[batch_size] = direct_throughput(batch_size)
@@ -170,6 +202,7 @@ def main() -> None:
           f"p50 {api['outside_model_p50_ms']:.1f} ms")
     print(f"API     concurrency 16: {api['throughput_16']:.1f} images/s = "
           f"{100 * api['throughput_16'] / rate_16:.0f}% of direct batch 16 (target >= 70%)")
+    print(f"API     worker device (provenance): {api['worker_device']}")
     print(f"gateway resident memory: {api['gateway_rss_mb']:.0f} MB (target < 200)")
 
 

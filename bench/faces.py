@@ -11,7 +11,10 @@ is the slow path (the `insert ms/face` figure measures it on the full index).
 Recall@1 = share of queries whose HNSW top-1 subject is the exact search's top-1 subject; the exact path is
 itself checked against a numpy brute force over the same vectors.
 
-Run: .venv/bin/python bench/faces.py [--sizes 10000,100000,1000000] [--queries 200]
+Run: .venv/bin/python bench/faces.py [--sizes 10000,100000,1000000] [--queries 200] [--device auto|cpu]
+
+The search runs in Postgres; --device is checked as the face service checks PERCEPT_DEVICE (its models are
+CPU builds, so a GPU is refused with the reason) and printed with the figures.
 """
 
 import argparse
@@ -27,10 +30,12 @@ import psycopg
 from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
 
+from percept.config import get_settings
 from percept.db import faces
 from percept.db.migrate import upgrade
 from percept.db.session import session_scope
 from percept.embedded import start_postgres
+from services.facerec.device import facerec_device
 
 DIM = 128
 TENANT_ID = "tenant_bench"
@@ -315,7 +320,14 @@ def main() -> None:
     parser.add_argument("--maintenance-work-mem", default="2GB")
     parser.add_argument("--shared-buffers", default="2GB", help="'' keeps pgserver's default (128MB)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="auto or cpu (default: PERCEPT_DEVICE, else auto); the face service "
+                                          "refuses a GPU")
     args = parser.parse_args()
+    try:
+        device = facerec_device(args.device or get_settings().device)
+    except ValueError as exc:  # a malformed value, or a GPU
+        parser.error(str(exc))
+    log(f"device: {device.description} (the face models' device; the search itself runs in Postgres)")
     sizes = [int(s) for s in args.sizes.split(",")]
     args.ef = [int(e) for e in args.ef.split(",")]
     rng = np.random.default_rng(args.seed)
@@ -352,7 +364,8 @@ def main() -> None:
     print(f"\nFace search: PostgreSQL {server_version} + pgvector {version}, HNSW m=16 ef_construction=64, "
           f"{DIM}-d unit vectors, 1-3 faces per subject (spread {args.spread}), queries {args.noise} from an "
           f"enrolled face; {settings}, maintenance_work_mem={args.maintenance_work_mem}, "
-          f"max_parallel_maintenance_workers=1; percept.db.faces.HNSW_EF_SEARCH={faces.HNSW_EF_SEARCH}\n")
+          f"max_parallel_maintenance_workers=1; percept.db.faces.HNSW_EF_SEARCH={faces.HNSW_EF_SEARCH}; "
+          f"face service device {device.description}\n")
     print_table(rows, args.ef)
     print()
     largest = rows[-1]

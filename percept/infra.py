@@ -47,4 +47,5 @@ def resolve_infra(settings: Settings) -> Infra:
         process, broker_url = start_redis(settings.data_dir / "redis")
         if process is not None:
             handles.append(process)
+    assert database_url and broker_url  # configured, or started above
     return Infra(settings, database_url, broker_url, settings.resolved_storage_url(), handles)

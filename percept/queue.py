@@ -13,7 +13,6 @@ from kombu import Exchange, Queue
 from percept.errors import DependencyUnavailable
 from percept.services import catalog
 
-
 # Workers publish "<job id> <status>" here after each committed status or progress change; the
 # gateway's long-polls and SSE streams wake on it instead of polling the database.
 JOB_EVENTS_CHANNEL = "percept:job-events"

@@ -9,7 +9,7 @@ read these declarations and name no service's code: adding a service is a new fo
 
 import importlib
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, cached_property, lru_cache
 from typing import Any
 
 # Where the platform's own services declare themselves. Loaded by name, never imported, so the core
@@ -38,9 +38,12 @@ class JobKind:
     task: str
     default_model: str | None = None
     trainer: str | None = None  # "module:Class", a Trainer
-    # "module:function" run in the transaction that writes a succeeded job's result (side effects such
-    # as stored embeddings land exactly when the result does); see workers.runtime.Finalizer.
+    # "module:function" (infra, session, tenant_id, job_id, params, inputs, output) -> the output to
+    # write, run in the transaction that writes a succeeded job's result (side effects such as stored
+    # embeddings land exactly when the result does).
     finalizer: str | None = None
+    # "module:function" output -> the text `GET /v1/jobs?q=` searches (labels, captions, prompts).
+    search_text: str | None = None
     # Fans out into child jobs (a grid): only these need their children listed.
     has_children: bool = False
     # Many jobs of this kind share one predict() call (micro-batching).
@@ -113,20 +116,20 @@ class Catalog:
 
     services: tuple[Service, ...]
 
-    @property
+    @cached_property
     def job_kinds(self) -> dict[str, JobKind]:
         return {kind.name: kind for service in self.services for kind in service.job_kinds}
 
-    @property
+    @cached_property
     def queues(self) -> tuple[str, ...]:
         return tuple(sorted({kind.queue for kind in self.job_kinds.values()}
                             | {q for s in self.services for pool in s.workers for q in pool.queues}))
 
-    @property
+    @cached_property
     def worker_pools(self) -> dict[str, tuple[Service, WorkerPool]]:
         return {pool.name: (service, pool) for service in self.services for pool in service.workers}
 
-    @property
+    @cached_property
     def models(self) -> tuple[BuiltinModel, ...]:
         return tuple(model for service in self.services for model in service.models)
 
@@ -137,6 +140,7 @@ class Catalog:
             raise KeyError(f"no service declares the job kind {name!r}") from None
 
 
+@cache
 def catalog() -> Catalog:
     """The services of this deployment (the settings name any extra declaration modules)."""
     from percept.config import get_settings

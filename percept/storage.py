@@ -1,13 +1,19 @@
 """Object storage: one interface, two backends (a local directory, and S3 / MinIO via `minio`)."""
 
 import os
+import shutil
 import tempfile
 from io import BytesIO
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import parse_qs, unquote, urlparse
 
 from percept.errors import DependencyUnavailable, NotFound
+
+# Streamed copies move this much at a time.
+COPY_CHUNK_BYTES = 1024 * 1024
+# S3 multipart part size for streamed uploads: the minimum S3 allows; minio keeps up to 3 in flight.
+S3_PART_BYTES = 5 * 1024 * 1024
 
 
 def object_key_for(sha256: str, prefix: str = "images") -> str:
@@ -18,6 +24,9 @@ def object_key_for(sha256: str, prefix: str = "images") -> str:
 class ObjectStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
 
+    def put_file(self, key: str, file: BinaryIO, length: int, content_type: str = "application/octet-stream") -> None:
+        """Store `length` bytes read from `file` (from its current position) in chunks, never whole in memory."""
+
     def get(self, key: str) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
@@ -26,6 +35,19 @@ class ObjectStore(Protocol):
 
     def ping(self) -> None:
         """Raise DependencyUnavailable when the store cannot be reached."""
+
+
+class _Limited:
+    """At most `length` bytes of a file, read in chunks."""
+
+    def __init__(self, file: BinaryIO, length: int) -> None:
+        self.file, self.left = file, length
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        chunk = self.file.read(size) if size else b""
+        self.left -= len(chunk)
+        return chunk
 
 
 class LocalObjectStore:
@@ -45,6 +67,16 @@ class LocalObjectStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
             tmp.write(data)
+        os.replace(tmp.name, path)
+
+    def put_file(self, key: str, file: BinaryIO, length: int, content_type: str = "application/octet-stream") -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+            shutil.copyfileobj(_Limited(file, length), tmp, COPY_CHUNK_BYTES)
+        if os.path.getsize(tmp.name) != length:
+            os.unlink(tmp.name)
+            raise ValueError(f"the file ended before {length} bytes; nothing was stored under {key}")
         os.replace(tmp.name, path)
 
     def get(self, key: str) -> bytes:
@@ -105,6 +137,11 @@ class S3ObjectStore:
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self._call(self.client.put_object, self.bucket, key, BytesIO(data), len(data),
                    content_type=content_type)
+
+    def put_file(self, key: str, file: BinaryIO, length: int, content_type: str = "application/octet-stream") -> None:
+        # Over S3_PART_BYTES minio sends a multipart upload, reading one part at a time from the file.
+        self._call(self.client.put_object, self.bucket, key, file, length, content_type=content_type,
+                   part_size=S3_PART_BYTES)
 
     def get(self, key: str) -> bytes:
         def read(bucket: str, name: str) -> bytes:

@@ -31,6 +31,8 @@ def sweep_once(settings: Settings, database_url: str, broker_url: str) -> dict[s
         except DependencyUnavailable:
             log.warning("broker unavailable; job %s stays queued for the next sweep", job_id)
             break
+        except KeyError:  # a kind only some processes declare (PERCEPT_EXTRA_SERVICES): theirs to send
+            log.warning("job %s is of kind %r, which no service declares here; left queued", job_id, kind)
     for job_id, status in ended_ids:
         publish_job_event(broker_url, job_id, status)
     if resend or ended_ids:

@@ -181,3 +181,11 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 60) -> dict
         job = client.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=5"}).json()
         return job if job["status"] in ("succeeded", "failed", "canceled") else None
     return wait_until(done, timeout=timeout, what=f"job {job_id} to finish")
+
+
+def wait_for_dataset(client: httpx.Client, dataset_id: str, timeout: float = 120) -> dict:
+    """The dataset once its analysis has ended (`ready` or `failed`)."""
+    def done():
+        dataset = client.get(f"/v1/datasets/{dataset_id}").json()
+        return dataset if dataset["status"] != "analyzing" else None
+    return wait_until(done, timeout=timeout, interval=0.2, what=f"dataset {dataset_id} to be analysed")

@@ -16,7 +16,15 @@ def test_import_contracts_hold():
 
 def test_gateway_starts_without_any_ml_framework():
     code = ("import sys; import services.gateway.app, workers.app, percept.cli; "
+            "from percept.services import catalog; catalog(); "
             "bad = [m for m in ('torch', 'tensorflow', 'numpy', 'dlib', 'diffusers') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_is_clean():
+    """The type checker over the core, the services and the workers (pyproject's [tool.mypy] files)."""
+    mypy = Path(sys.executable).parent / "mypy"
+    result = subprocess.run([str(mypy), "--no-incremental"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr

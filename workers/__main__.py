@@ -1,4 +1,4 @@
-"""`python -m workers SERVICE`: run the Celery worker for one service's queues (what `percept worker` runs)."""
+"""`python -m workers POOL`: run the Celery worker of one declared worker pool (what `percept worker` runs)."""
 
 import logging
 import os
@@ -6,21 +6,30 @@ import sys
 
 from percept.config import get_settings
 from percept.infra import resolve_infra
-from workers.app import SERVICES, create_worker_app
+from percept.services import catalog, import_by_name
+from workers.app import create_worker_app
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) < 1 or argv[0] not in SERVICES:
-        sys.exit(f"usage: python -m workers {{{'|'.join(SERVICES)}}} [celery worker options]")
-    service, extra = argv[0], argv[1:]
+    pools = catalog().worker_pools
+    if len(argv) < 1 or argv[0] not in pools:
+        sys.exit(f"usage: python -m workers {{{'|'.join(pools)}}} [celery worker options]")
+    name, extra = argv[0], argv[1:]
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service, pool = pools[name]
+    if service.device is not None:
+        # A device the worker cannot have stops it here, with the reason, not at its first job.
+        try:
+            device = import_by_name(service.device)(settings.device)
+        except ValueError as exc:
+            sys.exit(f"percept worker {name}: {exc}")
+        logging.getLogger("workers").info("worker %s runs its models on %s", name, device)
     infra = resolve_infra(settings)
-    spec = SERVICES[service]
-    app = create_worker_app(infra, spec)
+    app = create_worker_app(infra, pool)
     try:
-        app.worker_main(["worker", "-Q", ",".join(spec.queues), "-n", f"{service}-{os.getpid()}@%h",
-                         "--pool", spec.pool, "--concurrency", "1", "--loglevel", settings.log_level,
+        app.worker_main(["worker", "-Q", ",".join(pool.queues), "-n", f"{name}-{os.getpid()}@%h",
+                         "--pool", pool.pool, "--concurrency", "1", "--loglevel", settings.log_level,
                          "--without-gossip", "--without-mingle", *extra])
     finally:
         infra.close()

@@ -1,11 +1,11 @@
-"""Celery bootstrap for worker processes: one app, the tasks of the queues this worker serves.
+"""Celery bootstrap for worker processes: one app, the tasks of the queues this worker pool serves.
 
-Built by a factory (never at import time) and started by `percept worker SERVICE`.
+Built by a factory (never at import time) and started by `percept worker POOL`. Which tasks exist, on
+which queues, batched or not, comes from the services' declarations (percept/services.py).
 """
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
@@ -14,23 +14,11 @@ from celery_batches import Batches
 
 from percept.config import Settings
 from percept.infra import Infra
-from percept.queue import CLASSIFY, FACE_KINDS, TRAIN_CLASSIFIER, make_celery, waiting_messages
+from percept.queue import make_celery, waiting_messages
+from percept.services import JobKind, WorkerPool, catalog
 from workers.runtime import JobRuntime
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """How one service's worker runs: the queues it consumes and its Celery pool."""
-
-    queues: list[str]
-    # Batching services run the solo pool: with a process pool, celery-batches' timer hands the busy
-    # child one-message batches and batches never form; with solo, messages gather in the buffer while
-    # a batch runs. Celery's time limits need prefork, so they do not apply to these workers.
-    pool: str = "prefork"
-    batched: bool = False
 
 
 class GatheringBatches(Batches):
@@ -44,6 +32,7 @@ class GatheringBatches(Batches):
 
     abstract = True
     broker_url: str = ""
+    queue_name: str = ""
     gather_seconds: float = 0.05
     _gathering_since: float | None = None
 
@@ -53,29 +42,27 @@ class GatheringBatches(Batches):
             now = time.monotonic()
             self._gathering_since = self._gathering_since or now
             if now - self._gathering_since < self.gather_seconds and waiting_messages(self.broker_url,
-                                                                                        CLASSIFY.queue):
+                                                                                        self.queue_name):
                 return  # the timer calls again after flush_interval
         self._gathering_since = None
         super()._do_flush()
 
 
-SERVICES: dict[str, WorkerSpec] = {
-    "classifier": WorkerSpec([CLASSIFY.queue], pool="solo", batched=True),
-    # Training: one long job at a time in a process pool, so the time limits can stop a runaway one.
-    "classifier-train": WorkerSpec([TRAIN_CLASSIFIER.queue]),
-    "facerec": WorkerSpec(sorted({kind.queue for kind in FACE_KINDS})),
-}
+def served_kinds(pool: WorkerPool) -> list[JobKind]:
+    return [kind for kind in catalog().job_kinds.values() if kind.queue in pool.queues]
 
 
-def create_worker_app(infra: Infra, spec: WorkerSpec) -> Celery:
+def create_worker_app(infra: Infra, pool: WorkerPool) -> Celery:
     settings: Settings = infra.settings
+    kinds = served_kinds(pool)
+    batched = any(kind.batched for kind in kinds)
     app = make_celery(infra.broker_url, name="percept-worker")
     app.conf.update(
         task_soft_time_limit=settings.task_soft_time_limit.total_seconds(),
         task_time_limit=settings.task_hard_time_limit.total_seconds(),
         # A batching worker must hold a full batch of unacknowledged messages (celery-batches needs
         # prefetch >= flush_every); every other worker takes one long job at a time.
-        worker_prefetch_multiplier=settings.classify_batch_size if spec.batched else 1,
+        worker_prefetch_multiplier=settings.classify_batch_size if batched else 1,
     )
     runtime_holder: dict[str, JobRuntime] = {}
 
@@ -94,22 +81,19 @@ def create_worker_app(infra: Infra, spec: WorkerSpec) -> Celery:
         _session_factory.cache_clear()
         runtime_holder.clear()
 
-    @app.task(name=CLASSIFY.task, base=GatheringBatches, flush_every=settings.classify_batch_size,
-              flush_interval=settings.classify_batch_wait.total_seconds(), acks_late=True,
-              broker_url=infra.broker_url, gather_seconds=settings.classify_batch_gather.total_seconds())
-    def classify(requests: list[Any]) -> None:
-        """Micro-batch: every queued classify job in this flush goes through one forward pass."""
+    def run_batch(requests: list[Any]) -> None:
+        """Micro-batch: every queued job of the kind in this flush goes through one predict() call."""
         runtime().run([request.args[0] for request in requests])
-
-    @app.task(name=TRAIN_CLASSIFIER.task, acks_late=True)
-    def train_classifier(job_id: str) -> None:
-        """Train a classifier on a dataset and register it as the next version of its name."""
-        runtime().run([job_id])
 
     def run_one(job_id: str) -> None:
         runtime().run([job_id])
 
-    for kind in FACE_KINDS:  # one task per face job kind, each one job at a time
-        app.task(name=kind.task, acks_late=True)(run_one)
-
+    for kind in kinds:
+        if kind.batched:
+            app.task(name=kind.task, base=GatheringBatches, flush_every=settings.classify_batch_size,
+                     flush_interval=settings.classify_batch_wait.total_seconds(), acks_late=True,
+                     broker_url=infra.broker_url, queue_name=kind.queue,
+                     gather_seconds=settings.classify_batch_gather.total_seconds())(run_batch)
+        else:
+            app.task(name=kind.task, acks_late=True)(run_one)
     return app

@@ -5,13 +5,13 @@ is); the runtime imports it by name, so the worker package depends on no service
 checks it) and each worker image carries only its own framework.
 """
 
-import importlib
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from percept.predictor import ModelInfo, Predictor
+from percept.services import import_by_name
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,6 @@ class LoadedModel:
     predictor: Predictor
     info: ModelInfo
     load_ms: float  # what loading cost the first job; 0 for every job after it
-
-
-def import_by_name(path: str):
-    module_name, _, attribute = path.partition(":")
-    return getattr(importlib.import_module(module_name), attribute)
 
 
 class ModelCache:

@@ -11,14 +11,16 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session
 
-from percept.datasets import DatasetLimits, iter_dataset
+from percept.datasets import DatasetLimits
 from percept.db import datasets as dataset_repo
 from percept.db import images as image_repo
 from percept.db import jobs as job_repo
@@ -28,31 +30,36 @@ from percept.db.session import session_scope
 from percept.errors import DependencyUnavailable, PerceptError
 from percept.imaging import decode_rgb
 from percept.infra import Infra
-from percept.predictor import JobCanceled, ModelInfo, PredictRequest
+from percept.predictor import JobCanceled, ModelArtifact, ModelInfo, PredictRequest, TrainingData, parse_model_ref
 from percept.queue import publish_job_event, send_job
+from percept.services import catalog, import_by_name
 from percept.storage import object_key_for
 from percept.version import code_version, library_versions
-from workers.finalizers import FINALIZERS
-from workers.model_cache import LoadedModel, ModelCache, ModelSource, import_by_name
+from workers.model_cache import LoadedModel, ModelCache, ModelSource
 
 log = logging.getLogger(__name__)
 HOST = socket.gethostname()
-
-
-@dataclass(frozen=True)
-class TrainerSpec:
-    """A training job kind: the function that trains, and how the model it makes is served."""
-
-    train: str  # "module:function" (samples, params, on_epoch) -> result with .artifact, .metrics, .card
-    serves_with: str  # the predictor class of the trained model
-    model_kind: str  # the job kind the model answers
-
-
-TRAINERS: dict[str, TrainerSpec] = {
-    "train_classifier": TrainerSpec("services.classifier.training:train_from_params",
-                                    "services.classifier.custom:CustomClassifier", "classify"),
-}
 PROGRESS_EVERY_SECONDS = 1.0
+
+# A job kind's finalizer: (infra, session, tenant_id, job_id, params, inputs, output) -> the output to
+# write. It runs in the transaction that writes the result (see percept.services.JobKind).
+Finalizer = Callable[[Infra, Session, str, str, dict[str, Any], list[dict[str, Any]], dict[str, Any]], dict[str, Any]]
+
+
+@cache
+def finalizer_of(kind: str) -> Finalizer | None:
+    path = catalog().kind(kind).finalizer
+    return import_by_name(path) if path else None
+
+
+@cache
+def search_text_function(kind: str) -> Callable[[dict[str, Any]], str | None] | None:
+    path = catalog().kind(kind).search_text
+    return import_by_name(path) if path else None
+
+
+def is_training(kind: str) -> bool:
+    return catalog().kind(kind).trainer is not None
 
 
 @dataclass
@@ -71,6 +78,7 @@ class ClaimedJob:
     image_keys: list[str] = field(default_factory=list)  # the input images' object keys
     model_row: Model | None = None  # the registry row of the model that serves it
     register: Model | None = None  # a trained model to register with the result
+    device: str | None = None  # where a training job ran
     error: dict[str, Any] | None = None
     output: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -113,9 +121,9 @@ class JobRuntime:
     def _claim(self, job_ids: list[str]) -> list[ClaimedJob]:
         with session_scope(self.infra.database_url) as session:
             claimed = [ClaimedJob(job.id, job.tenant_id, job.kind, job.attempts, job.model_name or "", job.params,
-                                  job.inputs, job.created_at, job.started_at)
+                                  job.inputs, job.created_at, job.started_at or job.created_at)
                        for job in job_repo.claim(session, list(dict.fromkeys(job_ids)), self.worker_name)]
-            inference = [job for job in claimed if job.kind not in TRAINERS]
+            inference = [job for job in claimed if not is_training(job.kind)]
             images = image_repo.get_images(
                 session, [item["image_id"] for job in inference for item in job.inputs]) if inference else {}
             for job in inference:
@@ -134,8 +142,7 @@ class JobRuntime:
         for job in jobs:
             ref = (job.tenant_id, job.model_name)
             if ref not in rows:
-                name, _, version = job.model_name.partition(":")
-                rows[ref] = registry.find_version(session, job.tenant_id, name, version)
+                rows[ref] = registry.find_version(session, job.tenant_id, *parse_model_ref(job.model_name))
             job.model_row = rows[ref]
 
     # 2. Inputs: the images' bytes, decoded at no more than the size the model needs
@@ -157,9 +164,9 @@ class JobRuntime:
         with Heartbeat(self, [job.id for job in jobs]):
             try:
                 for job in jobs:
-                    if job.kind in TRAINERS:
+                    if is_training(job.kind):
                         self._train(job)
-                for group in self._group_by_model([job for job in jobs if job.kind not in TRAINERS]):
+                for group in self._group_by_model([job for job in jobs if not is_training(job.kind)]):
                     loaded = self._load_model(group[0].model_row)
                     self._load_inputs(group, getattr(loaded.predictor, "input_size", None))
                     self._predict([job for job in group if job.error is None], loaded)
@@ -185,36 +192,45 @@ class JobRuntime:
         artifact = self.infra.store.get(row.artifact_key) if row.artifact_key else None
         return ModelSource(row.name, row.version, row.predictor, artifact)
 
-    # 3b. Train: a dataset in, a registered model version out
-    def _train(self, job: ClaimedJob) -> None:
-        spec = TRAINERS[job.kind]
-        started = time.perf_counter()
-        # 1. The dataset, decoded (files that do not decode were reported at upload and are skipped)
+    # 3b. Train: a dataset (or registered models) in, a registered model version out
+    def _training_data(self, job: ClaimedJob) -> TrainingData:
+        """The job's dataset zip and the registered models its inputs name, read from storage."""
         with session_scope(self.infra.database_url) as session:
-            dataset = dataset_repo.get_dataset_by_id(session, job.inputs[0]["dataset_id"])
-        archive = self.infra.store.get(dataset.object_key)
-        settings = self.infra.settings
-        limits = DatasetLimits(max_zip_bytes=settings.max_dataset_bytes, max_files=settings.max_dataset_files,
-                               max_uncompressed_bytes=settings.max_dataset_uncompressed_bytes,
-                               max_image_pixels=settings.max_image_pixels)
-        # Decoded as the trained model will see its inputs when served (no train/serve skew).
-        input_size = getattr(import_by_name(spec.serves_with), "input_size", None)
-        samples, skipped = [], 0
-        for entry in iter_dataset(archive, limits):
-            try:
-                samples.append((decode_rgb(entry.data, settings.max_image_pixels, at_least=input_size), entry.label))
-            except PerceptError:
-                skipped += 1
-        load_ms = (time.perf_counter() - started) * 1000
-        # 2. Train, reporting every epoch; a cancel stops it at the next epoch boundary
+            datasets = [dataset_repo.get_dataset_by_id(session, item["dataset_id"])
+                        for item in job.inputs if "dataset_id" in item]
+            models = [registry.get_model(session, job.tenant_id, item["model_id"])
+                      for item in job.inputs if "model_id" in item]
+        if None in datasets or None in models:
+            raise PerceptError("An input of this job was deleted before it ran.", code="input_not_found")
+        dataset = datasets[0] if datasets else None
+        return TrainingData(
+            archive=self.infra.store.get(dataset.object_key) if dataset else None,
+            limits=DatasetLimits.from_settings(self.infra.settings),
+            models=[ModelArtifact(f"{m.name}:{m.version}", self.infra.store.get(m.artifact_key) if m.artifact_key
+                                  else b"", m.metrics, m.card) for m in models if m is not None],
+            dataset={"id": dataset.id, "sha256": dataset.sha256} if dataset else {})
+
+    def _train(self, job: ClaimedJob) -> None:
+        kind = catalog().kind(job.kind)
+        assert kind.trainer is not None
         started = time.perf_counter()
         try:
-            result = import_by_name(spec.train)(samples, job.params, self._step_reporter([job], every=0.0))
+            # 1. Inputs: the dataset's bytes and any models it starts from
+            data = self._training_data(job)
+            load_ms = (time.perf_counter() - started) * 1000
+            # 2. Train, reporting every step; a cancel stops it at the next step boundary
+            started = time.perf_counter()
+            result = import_by_name(kind.trainer)().train(data, job.params, self._step_reporter([job], every=0.0))
+        except DependencyUnavailable:
+            raise
         except JobCanceled:
             job.error = {"code": "canceled", "message": "The job was canceled while it ran."}
             return
         except ValueError as exc:
-            job.error = {"code": "invalid_input", "message": str(exc)}
+            job.error = input_error(exc)
+            return
+        except PerceptError as exc:
+            job.error = exc.to_dict()
             return
         except SoftTimeLimitExceeded:
             job.error = {"code": "time_limit", "message": "Training took longer than the worker's time limit; "
@@ -224,25 +240,29 @@ class JobRuntime:
             log.exception("training job %s failed", job.id)
             job.error = {"code": "internal_error", "message": "Training failed unexpectedly; we have the log."}
             return
-        # 3. The artifact goes to object storage; the model version is registered with the job's result
-        sha256 = hashlib.sha256(result.artifact).hexdigest()
-        key = object_key_for(sha256, prefix="models")
-        self.infra.store.put(key, result.artifact)
-        card = {**result.card, "dataset": {"id": dataset.id, "sha256": dataset.sha256, "skipped_files": skipped},
-                "training": {"job_id": job.id, "params": job.params}}
-        job.register = Model(name=job.params["name"], kind=spec.model_kind, status="ready", weights_sha256=sha256,
-                             predictor=spec.serves_with, artifact_key=key, metrics=result.metrics, card=card)
-        job.output = {"metrics": result.metrics, "dataset": {"id": dataset.id, "images": len(samples),
-                                                             "skipped_files": skipped}}
+        job.device = result.device
+        job.output = {**({"metrics": result.metrics} if result.metrics else {}), **result.output}
         job.timings = {"load": round(load_ms, 2), "inference": round((time.perf_counter() - started) * 1000, 2)}
+        if result.predictor is None:
+            return
+        # 3. The artifact goes to object storage; the model version is registered with the job's result
+        artifact = result.artifact or b""
+        sha256 = hashlib.sha256(artifact).hexdigest()
+        key = object_key_for(sha256, prefix="models")
+        self.infra.store.put(key, artifact)
+        card = {**result.card, "dataset": data.dataset or None, "training": {"job_id": job.id, "params": job.params}}
+        job.register = Model(name=job.params["name"], kind=result.model_kind or job.kind, status="ready",
+                             weights_sha256=sha256, predictor=result.predictor, artifact_key=key,
+                             metrics=result.metrics, card=card, device=result.device)
 
     def _load_model(self, row: Model | None) -> LoadedModel:
-        """The row's predictor, set up once per process; a built-in model's weights hash is recorded."""
+        """The row's predictor, set up once per process; the registry records the device it runs on."""
         assert row is not None  # _group_by_model failed the jobs without one
         loaded = self.models.get(f"model-{row.id}", lambda: self._model_source(row))
-        if loaded.load_ms and row.tenant_id is None:
+        if loaded.load_ms:  # loaded by this call: say where it runs (and a built-in model's weights)
             with session_scope(self.infra.database_url) as session:
-                registry.record_weights(session, row.id, loaded.info.sha256)
+                registry.record_loaded(session, row.id, loaded.info.device,
+                                       loaded.info.sha256 if row.tenant_id is None else None)
                 session.commit()
         return loaded
 
@@ -256,10 +276,12 @@ class JobRuntime:
         # Provenance names the registry's model; the predictor supplies what it actually loaded.
         info = ModelInfo(row.name, row.version, loaded.info.sha256, loaded.info.device, loaded.info.libraries)
         started = time.perf_counter()
+        outputs: list[dict[str, Any] | None]
+        errors: list[dict[str, Any] | None]
         try:
-            outputs = loaded.predictor.predict([job.request for job in jobs],
-                                               on_step=self._step_reporter(jobs))
-            errors: list[dict[str, Any] | None] = [None] * len(jobs)
+            outputs = list(loaded.predictor.predict([job.request for job in jobs if job.request is not None],
+                                                    on_step=self._step_reporter(jobs)))
+            errors = [None] * len(jobs)
         except JobCanceled:
             outputs, errors = [None] * len(jobs), [{"code": "canceled", "message": "Canceled."}] * len(jobs)
         except ValueError as exc:
@@ -307,16 +329,18 @@ class JobRuntime:
                 canceled = job.error is not None and job.error.get("code") == "canceled"
                 status = (JobStatus.CANCELED if canceled else
                           JobStatus.FAILED if job.error is not None else JobStatus.SUCCEEDED)
-                if status is JobStatus.SUCCEEDED and job.kind in FINALIZERS:
-                    job.output = FINALIZERS[job.kind](self.infra, session, job.tenant_id, job.id, job.params,
-                                                      job.inputs, job.output)
+                finalize = finalizer_of(job.kind)
+                if status is JobStatus.SUCCEEDED and finalize is not None and job.output is not None:
+                    job.output = finalize(self.infra, session, job.tenant_id, job.id, job.params, job.inputs,
+                                          job.output)
                 if status is JobStatus.SUCCEEDED and job.register is not None:
                     model = registry.register_version(session, job.tenant_id, job.register)
                     job.output = {"model": {"name": model.name, "version": model.version}, **(job.output or {})}
-                    job.model_info = ModelInfo(model.name, model.version, model.weights_sha256)
+                    job.model_info = ModelInfo(model.name, model.version, model.weights_sha256,
+                                               device=job.device or "cpu")
                 written_status = job_repo.finish(session, job.id, job.attempt, status, output=job.output,
                                                  error=job.error, provenance=self._provenance(job),
-                                                 search_text=search_text_of(job.output))
+                                                 search_text=search_text_of(job.kind, job.output))
                 if written_status:
                     written.append((job.id, written_status.value))
                 else:
@@ -325,8 +349,8 @@ class JobRuntime:
                         session.rollback()  # no model version from an attempt that no longer owns its job
                         return
             session.commit()
-        for job_id, written_status in written:
-            publish_job_event(self.infra.broker_url, job_id, written_status)
+        for job_id, status_name in written:
+            publish_job_event(self.infra.broker_url, job_id, status_name)
 
     def _retry_later(self, jobs: list[ClaimedJob], exc: PerceptError) -> None:
         """A dependency went away mid-job: release the jobs and send them again with backoff."""
@@ -356,7 +380,7 @@ class JobRuntime:
             "inputs": job.inputs,
             "model": ({"name": info.name, "version": info.version, "sha256": info.sha256}
                       if info else {"name": job.model_name, "version": None, "sha256": None}),
-            "worker": {"host": HOST, "pid": os.getpid(), "device": info.device if info else None},
+            "worker": {"host": HOST, "pid": os.getpid(), "device": info.device if info else job.device},
             "code_version": code_version(self.infra.settings.code_version),
             "libraries": {**library_versions("percept", "pillow", "celery"), **(info.libraries if info else {})},
             "seed": job.params.get("seed"),
@@ -375,11 +399,7 @@ def input_error(exc: ValueError) -> dict[str, str]:
     return {"code": "invalid_input", "message": message}
 
 
-def search_text_of(output: dict[str, Any] | None) -> str | None:
-    """What `GET /v1/jobs?q=` matches: labels, captions, prompts found in the output."""
-    if not output:
-        return None
-    words = [label["label"] for label in output.get("labels", [])[:1]]
-    words += [caption["text"] for caption in output.get("captions", [])]
-    return " ".join(words) or None
-
+def search_text_of(kind: str, output: dict[str, Any] | None) -> str | None:
+    """What `GET /v1/jobs?q=` matches, as the job kind's declared `search_text` picks it from the output."""
+    pick = search_text_function(kind)
+    return pick(output) if pick is not None and output else None

@@ -4,8 +4,10 @@ has the extension, and exact search over plain arrays where it does not."""
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import cast
 
-from sqlalchemy import Engine, delete, select, text
+from sqlalchemy import CursorResult, Engine, delete, select, text
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from percept.db.models import Collection, Subject
@@ -30,7 +32,7 @@ def _uses_pgvector(engine: Engine) -> bool:
         kind = connection.execute(text(
             "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
             "WHERE attrelid = 'face_embeddings'::regclass AND attname = 'embedding'")).scalar()
-    return kind.startswith("vector")
+    return bool(kind and kind.startswith("vector"))
 
 
 def uses_pgvector(session: Session) -> bool:
@@ -46,6 +48,23 @@ def get_collection(session: Session, tenant_id: str, name_or_id: str) -> Collect
         Collection.tenant_id == tenant_id, (Collection.id == name_or_id) | (Collection.name == name_or_id)))
 
 
+def add_collection(session: Session, collection: Collection) -> Collection | None:
+    """Insert; None when the tenant already has a collection of that name (a concurrent request's too:
+    the insert waits for it to commit, then finds the name taken)."""
+    inserted = session.scalar(insert(Collection).values(
+        id=collection.id, tenant_id=collection.tenant_id, name=collection.name, threshold=collection.threshold)
+        .on_conflict_do_nothing(index_elements=[Collection.tenant_id, Collection.name]).returning(Collection.id))
+    return session.get(Collection, inserted) if inserted else None
+
+
+def delete_collection(session: Session, collection: Collection) -> int:
+    """Delete the collection with its subjects; returns how many embeddings went with them."""
+    removed = cast(CursorResult, session.execute(text("DELETE FROM face_embeddings WHERE collection_id = :c"),
+                                                 {"c": collection.id})).rowcount
+    session.execute(delete(Collection).where(Collection.id == collection.id))  # subjects cascade
+    return removed
+
+
 def list_collections(session: Session, tenant_id: str) -> list[Collection]:
     return list(session.scalars(select(Collection).where(Collection.tenant_id == tenant_id).order_by(Collection.id)))
 
@@ -55,9 +74,17 @@ def get_subject(session: Session, collection_id: str, name_or_id: str) -> Subjec
         Subject.collection_id == collection_id, (Subject.id == name_or_id) | (Subject.name == name_or_id)))
 
 
+def add_subject(session: Session, subject: Subject) -> Subject | None:
+    """Insert; None when the collection already has a subject of that name (see add_collection)."""
+    inserted = session.scalar(insert(Subject).values(
+        id=subject.id, collection_id=subject.collection_id, name=subject.name)
+        .on_conflict_do_nothing(index_elements=[Subject.collection_id, Subject.name]).returning(Subject.id))
+    return session.get(Subject, inserted) if inserted else None
+
+
 def list_subjects(session: Session, collection_id: str) -> list[tuple[Subject, int]]:
     """Subjects with how many faces each has enrolled."""
-    counts = dict(session.execute(text(
+    counts: dict[str, int] = dict(session.execute(text(
         "SELECT subject_id, count(*) FROM face_embeddings WHERE collection_id = :c GROUP BY subject_id"),
         {"c": collection_id}).all())
     subjects = session.scalars(select(Subject).where(Subject.collection_id == collection_id).order_by(Subject.id))
@@ -71,7 +98,8 @@ def count_faces(session: Session, subject_id: str) -> int:
 
 def delete_subject(session: Session, subject: Subject) -> int:
     """Delete the subject and its embeddings; returns how many embeddings went with it."""
-    removed = session.execute(text("DELETE FROM face_embeddings WHERE subject_id = :s"), {"s": subject.id}).rowcount
+    removed = cast(CursorResult, session.execute(text("DELETE FROM face_embeddings WHERE subject_id = :s"),
+                                                 {"s": subject.id})).rowcount
     session.execute(delete(Subject).where(Subject.id == subject.id))
     return removed
 
@@ -83,7 +111,8 @@ def add_embedding(session: Session, collection_id: str, subject_id: str, embeddi
     return session.execute(text(
         f"INSERT INTO face_embeddings (collection_id, subject_id, image_id, job_id, box, embedding) "
         f"VALUES (:c, :s, :i, :j, CAST(:b AS jsonb), {cast}) RETURNING id"),
-        {"c": collection_id, "s": subject_id, "i": image_id, "j": job_id, "b": json.dumps(box), "e": value}).scalar()
+        {"c": collection_id, "s": subject_id, "i": image_id, "j": job_id, "b": json.dumps(box), "e": value}
+    ).scalar_one()
 
 
 def nearest_subjects(session: Session, collection_id: str, embedding: list[float], top_k: int,

@@ -20,5 +20,5 @@ def add_image(session: Session, image: Image) -> Image:
     values = {c.name: getattr(image, c.name) for c in Image.__table__.columns if c.name != "created_at"}
     session.execute(insert(Image).values(**values).on_conflict_do_nothing(
         index_elements=[Image.tenant_id, Image.sha256]))
-    return session.scalar(select(Image).where(Image.tenant_id == image.tenant_id,
-                                              Image.sha256 == image.sha256))
+    return session.scalars(select(Image).where(Image.tenant_id == image.tenant_id,
+                                               Image.sha256 == image.sha256)).one()

@@ -7,12 +7,15 @@ can never both run a job, and a worker whose lease was taken back cannot write a
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Float, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from percept.db.models import Job, JobStatus
+from percept.db.session import rowcount
 
 PENDING = (JobStatus.QUEUED, JobStatus.RUNNING)
+IDEMPOTENCY_KEY_INDEX = "uq_jobs_tenant_id_idempotency_key"
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
@@ -26,6 +29,19 @@ def child_ids(session: Session, job_id: str) -> list[str]:
 def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key,
                                             Job.created_at > func.now() - timedelta(hours=24)))
+
+
+def add_job(session: Session, job: Job) -> bool:
+    """Insert the job; False when the tenant's Idempotency-Key is already taken, by a concurrent request
+    too (the insert waits for it to commit). Only the savepoint is undone then, not the caller's work."""
+    try:
+        with session.begin_nested():
+            session.add(job)
+    except IntegrityError as exc:
+        if getattr(getattr(exc.orig, "diag", None), "constraint_name", None) != IDEMPOTENCY_KEY_INDEX:
+            raise
+        return False
+    return True
 
 
 def count_pending(session: Session, tenant_id: str) -> int:
@@ -50,6 +66,20 @@ def list_jobs(session: Session, tenant_id: str, *, kind: str | None = None, stat
     if before_id:
         query = query.where(Job.id < before_id)
     return list(session.scalars(query.order_by(Job.id.desc()).limit(limit)))
+
+
+def count_by_kind_and_status(session: Session) -> list[tuple[str, str, int]]:
+    """(kind, status, jobs) over every tenant, for the metrics."""
+    rows = session.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status))
+    return [(kind, status.value, count) for kind, status, count in rows]
+
+
+def inference_time_by_model(session: Session) -> list[tuple[str | None, int, float]]:
+    """(model name, finished jobs, total inference seconds) over every tenant, for the metrics."""
+    ms = Job.provenance["timings_ms"]["inference"].astext.cast(Float)
+    model = Job.provenance["model"]["name"].astext
+    rows = session.execute(select(model, func.count(), func.sum(ms)).where(ms.is_not(None)).group_by(model))
+    return [(name, count, (total or 0.0) / 1000) for name, count, total in rows]
 
 
 def claim(session: Session, job_ids: list[str], worker: str) -> list[Job]:
@@ -91,7 +121,7 @@ def finish(session: Session, job_id: str, attempt: int, status: JobStatus, *,
         values["provenance"] = provenance
     if status is JobStatus.SUCCEEDED:
         done = session.execute(update(Job).where(*holds, Job.cancel_requested.is_(False)).values(**values))
-        if done.rowcount == 1:
+        if rowcount(done) == 1:
             return status
         status = JobStatus.CANCELED
         values |= {"status": status, "output": None, "search_text": None,
@@ -99,7 +129,7 @@ def finish(session: Session, job_id: str, attempt: int, status: JobStatus, *,
     if status is not JobStatus.SUCCEEDED:
         del values["progress"]  # keep the progress the job had reached
     result = session.execute(update(Job).where(*holds).values(**values))
-    return status if result.rowcount == 1 else None
+    return status if rowcount(result) == 1 else None
 
 
 def release(session: Session, job_id: str, attempt: int) -> bool:
@@ -107,7 +137,7 @@ def release(session: Session, job_id: str, attempt: int) -> bool:
     result = session.execute(
         update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
         .values(status=JobStatus.QUEUED, queued_at=func.now(), worker=None))
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def cancel(session: Session, job: Job) -> Job:

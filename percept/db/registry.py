@@ -24,6 +24,11 @@ def model_versions(session: Session, tenant_id: str, name: str) -> list[Model]:
         select(Model).where(visible(tenant_id), Model.name == name).order_by(Model.id)))
 
 
+def get_model(session: Session, tenant_id: str, model_id: int) -> Model | None:
+    """A model the tenant may use, by registry id."""
+    return session.scalar(select(Model).where(visible(tenant_id), Model.id == model_id))
+
+
 def find_version(session: Session, tenant_id: str, name: str, version: str) -> Model | None:
     return session.scalar(select(Model).where(visible(tenant_id), Model.name == name, Model.version == version))
 
@@ -41,8 +46,8 @@ def register_version(session: Session, tenant_id: str, model: Model) -> Model:
 
 
 def is_builtin_name(session: Session, name: str) -> bool:
-    return session.scalar(select(func.count()).select_from(Model)
-                          .where(Model.tenant_id.is_(None), Model.name == name)) > 0
+    return bool(session.scalar(select(func.count()).select_from(Model)
+                               .where(Model.tenant_id.is_(None), Model.name == name)))
 
 
 def seed_builtin(session: Session, models: Iterable[BuiltinModel]) -> None:

@@ -37,6 +37,12 @@ def deliveries_of(session: Session, webhook_id: str, limit: int) -> list[Webhook
                                 .order_by(WebhookDelivery.id.desc()).limit(limit)))
 
 
+def count_deliveries_by_status(session: Session) -> list[tuple[str, int]]:
+    """(status, deliveries) over every tenant, for the metrics."""
+    rows = session.execute(select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status))
+    return [(status, count) for status, count in rows]
+
+
 @dataclass(frozen=True)
 class DueDelivery:
     id: int

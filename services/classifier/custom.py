@@ -36,14 +36,17 @@ from copy import deepcopy
 from typing import Any
 
 import numpy as np
-import PIL
 import torch
 from torch import nn
 
-from percept.predictor import ModelInfo, PredictRequest
+from percept.devices import Device
+from percept.predictor import BasePredictor, ModelInfo, PredictRequest, file_sha256, report_step
+from percept.version import library_versions
+from services.classifier.device import torch_device
 from services.classifier.efficientnet import EfficientNetLite0, load_efficientnet_lite0, packaged_weights_path
 from services.classifier.predictor import (
     CROP_SIZE,
+    LIBRARIES,
     MEAN,
     MEMORY_FORMAT,
     RESIZE_SIZE,
@@ -54,9 +57,9 @@ from services.classifier.predictor import (
     LabelScore,
     Verdict,
     check_classify_request,
-    file_sha256,
+    inference_precision,
+    model_device,
     preprocess,
-    report_step,
 )
 
 ARTIFACT_FORMAT = "percept.custom-classifier"
@@ -72,33 +75,37 @@ PREPROCESSING: dict[str, Any] = {"resize_size": RESIZE_SIZE, "crop_size": CROP_S
 
 
 class FrozenBackbone:
-    """The ImageNet EfficientNet-Lite0, loaded once per process and shared (read-only) by every custom
-    model and by training: a worker serving many custom classifiers holds one copy of the backbone."""
+    """The ImageNet EfficientNet-Lite0, loaded once per process and device and shared (read-only) by every
+    custom model and by training: a worker serving many custom classifiers holds one copy of the backbone."""
 
-    def __init__(self, model: EfficientNetLite0, weights_sha256: str):
-        self.model = model.to(memory_format=MEMORY_FORMAT).eval().requires_grad_(False)
+    def __init__(self, model: EfficientNetLite0, weights_sha256: str, device: Device):
+        self.device = device
+        self.model = (model.to(device.name).to(memory_format=MEMORY_FORMAT)  # type: ignore[call-overload]
+                      .eval().requires_grad_(False))
         self.layers: list[nn.Module] = [model.stem, *model.blocks, model.head]
         self.weights_sha256 = weights_sha256
         assert len(self.layers) == BACKBONE_LAYERS
 
     def activations(self, batch: torch.Tensor, stop: int = BACKBONE_LAYERS) -> torch.Tensor:
-        """Run preprocessed images through layers [0, stop); pooled 1280-d features when stop is the end."""
+        """Run preprocessed images (on any device) through layers [0, stop), on the backbone's device;
+        pooled 1280-d features when stop is the end. In the caller's precision (fp32 unless autocast)."""
         with torch.no_grad():
-            return run_layers(self.layers, batch.contiguous(memory_format=MEMORY_FORMAT), 0, stop)
+            return run_layers(self.layers, batch.to(self.device.name, memory_format=MEMORY_FORMAT), 0, stop)
 
 
-_backbone: FrozenBackbone | None = None
+_backbones: dict[str, FrozenBackbone] = {}
 _backbone_lock = threading.Lock()
 
 
-def frozen_backbone() -> FrozenBackbone:
-    """The process-wide backbone with the packaged ImageNet weights (loaded on first use)."""
-    global _backbone
+def frozen_backbone(device: Device | None = None) -> FrozenBackbone:
+    """The process-wide backbone with the packaged ImageNet weights on `device` (default: PERCEPT_DEVICE's
+    choice), loaded on first use."""
+    device = device or torch_device()
     with _backbone_lock:
-        if _backbone is None:
+        if device.name not in _backbones:
             path = packaged_weights_path()
-            _backbone = FrozenBackbone(load_efficientnet_lite0(path), file_sha256(path))
-        return _backbone
+            _backbones[device.name] = FrozenBackbone(load_efficientnet_lite0(path), file_sha256(path), device)
+        return _backbones[device.name]
 
 
 def run_layers(layers: Sequence[nn.Module], x: torch.Tensor, start: int, stop: int = BACKBONE_LAYERS
@@ -153,13 +160,15 @@ class CustomModel(nn.Module):
         return self
 
     def to_artifact(self) -> bytes:
-        """Everything needed to serve this model, as bytes (see the module docstring for the format)."""
-        tuned = {key: value.detach().clone() for key, value in self.tuned.state_dict().items()}
+        """Everything needed to serve this model, as bytes (see the module docstring for the format).
+
+        Tensors are saved from the CPU, so the artifact is the same whichever device trained it."""
+        tuned = {key: host_copy(value) for key, value in self.tuned.state_dict().items()}
         payload = {
             "format": ARTIFACT_FORMAT,
             "format_version": ARTIFACT_VERSION,
             "labels": list(self.labels),
-            "head": {"weight": self.head.weight.detach().clone(), "bias": self.head.bias.detach().clone()},
+            "head": {"weight": host_copy(self.head.weight), "bias": host_copy(self.head.bias)},
             "threshold": float(self.threshold),
             "target_precision": float(self.target_precision),
             "backbone": {"name": BACKBONE_NAME, "weights_sha256": self.weights_sha256,
@@ -172,10 +181,16 @@ class CustomModel(nn.Module):
         return buffer.getvalue()
 
 
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True)
+
+
 def load_custom_model(artifact: bytes, backbone: FrozenBackbone | None = None) -> CustomModel:
-    """Read an artifact written by `CustomModel.to_artifact`, checking it fits this code and these weights."""
+    """Read an artifact written by `CustomModel.to_artifact` onto the backbone's device (default: the
+    process-wide backbone), checking it fits this code and these weights."""
+    backbone = backbone or frozen_backbone()
     try:
-        payload = torch.load(io.BytesIO(artifact), map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(artifact), map_location=backbone.device.name, weights_only=True)
     except Exception as exc:  # torch raises several types for a file that is not one of its archives
         raise ValueError(f"not a custom classifier artifact: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
@@ -186,14 +201,13 @@ def load_custom_model(artifact: bytes, backbone: FrozenBackbone | None = None) -
     if payload["preprocessing"] != PREPROCESSING:
         raise ValueError(f"the model was trained with preprocessing {payload['preprocessing']}, this service "
                          f"applies {PREPROCESSING}; retrain the model")
-    backbone = backbone or frozen_backbone()
     spec = payload["backbone"]
     if spec["name"] != BACKBONE_NAME or spec["weights_sha256"] != backbone.weights_sha256:
         raise ValueError(f"the model was trained on backbone {spec['name']} with weights {spec['weights_sha256']}, "
                          f"this service has {BACKBONE_NAME} with {backbone.weights_sha256}; retrain the model")
     labels = list(payload["labels"])
     weight, bias = payload["head"]["weight"], payload["head"]["bias"]
-    head = nn.Linear(FEATURE_DIM, len(labels))
+    head = nn.Linear(FEATURE_DIM, len(labels), device=backbone.device.name)
     head.load_state_dict({"weight": weight, "bias": bias})
     model = CustomModel(labels, backbone, int(spec["tuned_from_layer"]), head,
                         float(payload["threshold"]), float(payload["target_precision"]))
@@ -220,41 +234,27 @@ def preprocess_batch(requests: list[PredictRequest]) -> torch.Tensor:
     return torch.from_numpy(np.stack([preprocess(r.images[0]) for r in requests]))
 
 
-def library_versions() -> dict[str, str]:
-    return {"torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+class CustomClassifier(BasePredictor):
+    """A trained custom classifier behind the predictor contract (see the module docstring).
 
-
-class CustomClassifier:
-    """A trained custom classifier behind the predictor contract (see the module docstring)."""
+    `device` (tests, benchmarks): "cpu", "cuda:1", ... or a `Device`; by default PERCEPT_DEVICE's choice.
+    """
 
     input_size = RESIZE_SIZE  # the ImageNet classifier's preprocessing
 
-    def __init__(self, artifact: bytes, name: str, version: str):
+    def __init__(self, artifact: bytes, name: str, version: str, *, device: Device | str | None = None):
+        super().__init__()
         self.artifact = artifact
         self.name = name
         self.version = version
+        self.device = model_device(device)
         self._model: CustomModel | None = None
-        self._info: ModelInfo | None = None
-        self._lock = threading.Lock()
 
-    def setup(self) -> ModelInfo:
-        """Load the artifact (and the shared backbone) once; later calls return the same ModelInfo."""
-        with self._lock:
-            if self._info is None:
-                self._model = load_custom_model(self.artifact)
-                self._info = ModelInfo(name=self.name, version=self.version,
-                                       sha256=hashlib.sha256(self.artifact).hexdigest(), device="cpu",
-                                       libraries=library_versions())
-        return self._info
-
-    def check_inputs(self, request: PredictRequest) -> ClassifyParams:
-        """Validate one request; the threshold is the model's own unless the request gives one."""
-        top_k, expected, threshold = check_classify_request(request)
-        if threshold is None:
-            self.setup()
-            assert self._model is not None
-            threshold = self._model.threshold
-        return ClassifyParams(top_k, expected, threshold)
+    def load(self) -> ModelInfo:
+        """Load the artifact, and the shared backbone if no model on this device has yet."""
+        self._model = load_custom_model(self.artifact, frozen_backbone(self.device))
+        return ModelInfo(name=self.name, version=self.version, sha256=hashlib.sha256(self.artifact).hexdigest(),
+                         device=self.device.description, libraries=library_versions(*LIBRARIES))
 
     def predict(self, requests: list[PredictRequest], on_step: Callable[..., None] | None = None
                 ) -> list[dict[str, Any]]:
@@ -272,11 +272,11 @@ class CustomClassifier:
         batch = preprocess_batch(requests)
         report_step(on_step, 1, 2)
 
-        # 3. Shared frozen layers, then this model's own, once for the whole batch
-        backbone = frozen_backbone()
-        with torch.no_grad():
+        # 3. Shared frozen layers, then this model's own, once for the whole batch (fp16 on a GPU)
+        backbone = frozen_backbone(self.device)
+        with torch.no_grad(), inference_precision(self.device):
             activations = backbone.activations(batch, model.tuned_from_layer)
-            probabilities = model.logits(activations, model.tuned_from_layer).softmax(dim=-1)
+            probabilities = model.logits(activations, model.tuned_from_layer).softmax(dim=-1).float().cpu()
         report_step(on_step, 2, 2)
 
         # 4. Shape each request's output

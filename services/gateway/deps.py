@@ -1,9 +1,12 @@
-"""FastAPI dependencies as Annotated aliases: the infrastructure handles and the caller's tenant."""
+"""FastAPI dependencies as Annotated aliases: the infrastructure handles, the request's database session
+and the caller's tenant."""
 
 import time
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from percept.db.session import session_scope
@@ -11,6 +14,7 @@ from percept.db.tenants import hash_key, tenant_id_for_key
 from percept.errors import Unauthorized
 from percept.infra import Infra
 from services.gateway.events import JobEvents
+from services.gateway.transaction import commit
 
 # A key lookup is cached this long: a revoked key stops working within this time.
 KEY_CACHE_SECONDS = 30.0
@@ -26,6 +30,22 @@ def get_events(request: Request) -> JobEvents:
 
 InfraDep = Annotated[Infra, Depends(get_infra)]
 EventsDep = Annotated[JobEvents, Depends(get_events)]
+
+
+def get_session(infra: InfraDep) -> Iterator[Session]:
+    """The request's one session, committed here once the route has returned (then its buffered sends
+    run, see services.gateway.transaction); rolled back when the route raised.
+
+    `scope="function"` below: FastAPI runs this exit before the response is sent (the default, "request",
+    runs it after), so the client is answered only once its work is committed, and a failed commit or
+    send becomes the error response instead of a 2xx for work that was lost.
+    """
+    with session_scope(infra.database_url) as session:
+        yield session
+        commit(session)
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def _presented_key(request: Request) -> str | None:
@@ -47,16 +67,19 @@ async def get_tenant_id(request: Request, infra: InfraDep) -> str:
     if cached and cached[1] > time.monotonic():
         tenant_id = cached[0]
     else:
-        tenant_id = await run_in_threadpool(_tenant_of_key, infra, key)
-        if tenant_id is None:
+        found = await run_in_threadpool(_tenant_of_key, infra, key)
+        if found is None:
             raise Unauthorized("The API key is not valid; create one with `percept keys create NAME`.",
                                code="invalid_api_key")
+        tenant_id = found
         cache[hashed] = (tenant_id, time.monotonic() + KEY_CACHE_SECONDS)
     await request.app.state.rate_limit.hit(tenant_id)
     return tenant_id
 
 
 def _tenant_of_key(infra: Infra, key: str) -> str | None:
+    # A short session of its own, not the request's: the request's transaction starts with its work, so
+    # no connection is held while a large upload streams in after authentication.
     with session_scope(infra.database_url) as session:
         return tenant_id_for_key(session, key)
 

@@ -4,13 +4,13 @@ from typing import TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
-from percept.db.models import Image
 from percept.errors import ImageTooLarge, InvalidInput, PerceptError
 from percept.infra import Infra
-from services.gateway.usecases import store_image
+from services.gateway.usecases.images import image_inputs
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -52,19 +52,18 @@ async def read_capped(upload: UploadFile, cap: int, too_large: str, code: str) -
     return data
 
 
-async def read_upload(infra: Infra, tenant_id: str, upload: UploadFile) -> Image:
+async def read_image(infra: Infra, upload: UploadFile) -> bytes:
     cap = infra.settings.max_image_bytes
-    data = await read_capped(upload, cap, f"The image is larger than {cap // 2**20} MB; send a smaller file.",
+    return await read_capped(upload, cap, f"The image is larger than {cap // 2**20} MB; send a smaller file.",
                              code="image_too_large")
-    return await run_in_threadpool(store_image, infra, tenant_id, data)
 
 
-async def read_job_request(request: Request, infra: Infra, tenant_id: str, params_model: type[P],
-                           image_fields: tuple[str, ...]) -> tuple[P, dict[str, Image | str]]:
-    """The validated parameters, and per image field the stored upload or the image id given."""
+async def read_job_request(request: Request, session: Session, infra: Infra, tenant_id: str, params_model: type[P],
+                           image_fields: tuple[str, ...]) -> tuple[P, list[dict[str, str]]]:
+    """The validated parameters, and the job's image inputs in the order of `image_fields` (uploads are
+    stored, image ids checked as the tenant's)."""
     content_type = request.headers.get("content-type", "")
     raw: dict = {}
-    images: dict[str, Image | str] = {}
     if content_type.startswith("application/json"):
         try:
             body = await request.json()
@@ -79,13 +78,15 @@ async def read_job_request(request: Request, infra: Infra, tenant_id: str, param
     else:
         raise PerceptError("Send multipart/form-data (with image files) or application/json (with image ids).",
                            code="unsupported_media_type", status=415)
+    images: list[bytes | str] = []
     for field in image_fields:
         value = raw.pop(field, None)
         if isinstance(value, UploadFile):
-            images[field] = await read_upload(infra, tenant_id, value)
+            images.append(await read_image(infra, value))
         elif isinstance(value, str) and value.strip():
-            images[field] = value.strip()  # resolved (and its tenant checked) in the job's transaction
+            images.append(value.strip())
         else:
             raise InvalidInput(f"`{field}` is required: a file part, or an image id from POST /v1/images.",
                                code="missing_image", details={"field": field})
-    return parse_params(params_model, raw), images
+    params = parse_params(params_model, raw)
+    return params, await run_in_threadpool(image_inputs, session, infra, tenant_id, images)

@@ -5,9 +5,9 @@ import logging
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
-from sqlalchemy import Float, func, select
 
-from percept.db.models import Job, WebhookDelivery
+from percept.db import jobs as job_repo
+from percept.db import webhooks as webhook_repo
 from percept.db.session import session_scope
 from percept.infra import Infra
 from percept.queue import queue_depths
@@ -28,16 +28,11 @@ class PlatformCollector:
                                        labels=["status"])
         try:
             with session_scope(self.infra.database_url) as session:
-                for kind, status, count in session.execute(
-                        select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)):
-                    jobs.add_metric([kind, status.value], count)
-                ms = Job.provenance["timings_ms"]["inference"].astext.cast(Float)
-                model = Job.provenance["model"]["name"].astext
-                for name, count, total in session.execute(
-                        select(model, func.count(), func.sum(ms)).where(ms.is_not(None)).group_by(model)):
-                    inference.add_metric([name or "unknown"], count, (total or 0.0) / 1000)
-                for status, count in session.execute(select(WebhookDelivery.status, func.count())
-                                                     .group_by(WebhookDelivery.status)):
+                for kind, status, count in job_repo.count_by_kind_and_status(session):
+                    jobs.add_metric([kind, status], count)
+                for name, count, seconds in job_repo.inference_time_by_model(session):
+                    inference.add_metric([name or "unknown"], count, seconds)
+                for status, count in webhook_repo.count_deliveries_by_status(session):
                     deliveries.add_metric([status], count)
         except Exception as exc:  # a scrape must answer even when the database is down
             log.warning("metrics: database unavailable (%s)", exc.__class__.__name__)

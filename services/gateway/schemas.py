@@ -1,13 +1,13 @@
 """Request and response schemas of the public API (API.md). ORM classes live in percept.db.models."""
 
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from percept.db.models import Dataset, Image, Job, Webhook, WebhookDelivery
+from percept.db.models import Image, Job, Webhook, WebhookDelivery
 
 
 class ErrorBody(BaseModel):
@@ -18,6 +18,10 @@ class ErrorBody(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorBody
+
+
+# The `responses` of a route in the OpenAPI schema: status -> {"model": ErrorOut}.
+Responses = dict[int | str, dict[str, Any]]
 
 
 class ImageOut(BaseModel):
@@ -68,6 +72,8 @@ class ModelVersionOut(BaseModel):
     version: str
     status: str
     weights_sha256: str | None
+    # Where a worker last loaded it: "cpu" or "cuda:0 (NVIDIA H100 80GB HBM3)"; null until first served.
+    device: str | None = None
     metrics: dict[str, Any]
     card: dict[str, Any]
     created_at: datetime
@@ -86,8 +92,9 @@ class ClassifyParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("imagenet-efficientnet-lite0", max_length=200,
-                       description="Model name, `name` (latest) or `name:version`")
+    model: str | None = Field(None, max_length=200,
+                              description="Model name, `name` (latest) or `name:version`; default: the "
+                                          "ImageNet classifier its service declares")
     top_k: int = Field(5, ge=1, le=1000, description="How many labels to return")
     expected_label: str | None = Field(None, min_length=1, max_length=200,
                                        description="The category the caller expects; gives `match.verdict`")
@@ -95,18 +102,20 @@ class ClassifyParams(BaseModel):
                                             description="Top-1 score under which the answer is `unknown`")
 
 
+DatasetStatus = Literal["analyzing", "ready", "failed"]
+
+
 class DatasetOut(BaseModel):
     id: str
     name: str
     sha256: str
     bytes: int
-    summary: dict[str, Any] = Field(description="Counts per class, image sizes, undecodable files, duplicates")
+    status: DatasetStatus = Field(description="The status of the dataset's analysis job")
+    report: dict[str, Any] | None = Field(
+        description="Once ready: counts per class, image sizes, undecodable files, duplicates, warnings")
+    error: dict[str, Any] | None = Field(description="Once failed: why the zip cannot be used (`code`, `message`)")
+    job_id: str | None = Field(description="The analysis job (GET /v1/jobs/{id})")
     created_at: datetime
-
-    @classmethod
-    def of(cls, dataset: Dataset) -> "DatasetOut":
-        return cls(id=dataset.id, name=dataset.name, sha256=dataset.sha256, bytes=dataset.bytes,
-                   summary=dataset.summary, created_at=dataset.created_at)
 
 
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
@@ -204,6 +213,7 @@ class SubjectOut(BaseModel):
 
 
 WebhookEvent = Literal["job.succeeded", "job.failed", "job.canceled"]
+DeliveryStatus = Literal["pending", "delivered", "failed"]
 
 
 class WebhookIn(BaseModel):
@@ -251,7 +261,7 @@ class WebhookDeliveryOut(BaseModel):
     id: int
     job_id: str
     event: str
-    status: Literal["pending", "delivered", "failed"]
+    status: DeliveryStatus
     attempts: int
     next_attempt_at: datetime | None
     last_status_code: int | None
@@ -261,7 +271,8 @@ class WebhookDeliveryOut(BaseModel):
 
     @classmethod
     def of(cls, delivery: WebhookDelivery) -> "WebhookDeliveryOut":
-        return cls(id=delivery.id, job_id=delivery.job_id, event=delivery.event, status=delivery.status,
+        return cls(id=delivery.id, job_id=delivery.job_id, event=delivery.event,
+                   status=cast(DeliveryStatus, delivery.status),
                    attempts=delivery.attempts,
                    next_attempt_at=delivery.next_attempt_at if delivery.status == "pending" else None,
                    last_status_code=delivery.last_status_code, last_error=delivery.last_error,

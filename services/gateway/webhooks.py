@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from percept.db import webhooks as webhook_repo
 from percept.db.session import session_scope
 from percept.infra import Infra
-from services.gateway.usecases import job_out
+from services.gateway.usecases.jobs import job_out
 
 log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "Percept-Signature"

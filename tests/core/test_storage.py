@@ -59,3 +59,16 @@ def test_unreachable_s3_is_a_dependency_error():
     store = object_store_from_url(f"s3://a:b@127.0.0.1:{free_port()}/bucket")
     with pytest.raises(DependencyUnavailable):
         store.put("k", b"x")
+
+
+def test_put_file_streams_a_file_in_chunks(store, tmp_path):
+    """Larger than a chunk locally and than one multipart part on S3; only `length` bytes are stored."""
+    import os
+
+    data = os.urandom(11 * 1024 * 1024 + 17)
+    source = tmp_path / "upload.bin"
+    source.write_bytes(data + b"trailing bytes that are not part of the object")
+    key = object_key_for(hashlib.sha256(data).hexdigest(), prefix="datasets")
+    with source.open("rb") as file:
+        store.put_file(key, file, len(data), content_type="application/zip")
+    assert store.exists(key) and store.get(key) == data

@@ -2,6 +2,7 @@
 enrollment (and its refusals), identify, subject deletion, memes, tenant isolation."""
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -92,6 +93,23 @@ def test_collections_enroll_identify_and_delete(api):
     after = run(api, "/v1/faces/identify", {"image": ("b.png", flipped_resized_astronaut())}, collection="crew")
     assert [m["subject"] for m in after["output"]["faces"][0]["matches"]] == ["someone"]
     assert api.delete("/v1/collections/crew/subjects/eileen").status_code == 404
+
+
+def test_one_name_created_at_once_gives_one_row_and_409s(platform, api):
+    """Requests racing on a unique name: one wins, the others get the 409 (not a 500 from the constraint)."""
+    key = api.headers["authorization"].split()[1]
+
+    def create(path: str):
+        with platform.client(key) as client:
+            return client.post(path, json={"name": "race"})
+
+    for path, code in (("/v1/collections", "collection_exists"), ("/v1/collections/race/subjects", "subject_exists")):
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(create, [path] * 8))
+        assert sorted(a.status_code for a in answers) == [201] + [409] * 7, [a.text for a in answers]
+        assert {a.json()["error"]["code"] for a in answers if a.status_code == 409} == {code}
+    assert [c["name"] for c in api.get("/v1/collections").json()] == ["race"]
+    assert [s["name"] for s in api.get("/v1/collections/race/subjects").json()] == ["race"]
 
 
 def test_collections_are_per_tenant(platform, api):

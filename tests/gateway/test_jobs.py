@@ -8,7 +8,7 @@ import httpx
 import pytest
 from skimage import data
 
-from tests.conftest import image_bytes, wait_for_job
+from tests.conftest import free_port, image_bytes, wait_for_job
 
 pytestmark = pytest.mark.integration
 
@@ -173,10 +173,12 @@ def test_rate_limit_per_tenant_is_shared_by_gateway_replicas(platform):
             platform.kill(name, signal.SIGTERM)
 
 @pytest.mark.parametrize("prefer", ["wait=abc", "wait=-1", "wait=nan"])
-def test_a_malformed_prefer_wait_is_a_422(api, prefer):
+def test_a_malformed_prefer_wait_is_a_422_and_leaves_no_job(api, prefer):
     answer = api.post("/v1/classify", files={"image": ("c.jpg", image_bytes(data.coffee()))},
                       headers={"Prefer": prefer})
     assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_prefer_wait"
+    # The job was added in the request's transaction; the refusal rolled it back before anything was sent.
+    assert api.get("/v1/jobs").json()["data"] == []
 
 
 def test_values_the_database_cannot_hold_are_a_422(api):
@@ -198,3 +200,19 @@ def test_a_camera_sized_photo_is_classified(api):
     job = api.post("/v1/classify", files={"image": ("big.jpg", image_bytes(big, quality=85))},
                    headers={"Prefer": "wait=60"}).json()
     assert job["status"] == "succeeded" and job["output"]["labels"][0]["label"] == "espresso"
+
+
+def test_a_job_the_broker_refuses_is_ended_and_the_client_told_503(platform, api, coffee_jpeg):
+    """The job row is committed before its task is sent; when the send then fails, the job is ended (a
+    late delivery must not run it) and the client gets 503, not a 202 for a job that will never run."""
+    no_broker = platform.start_replica("no-broker", PERCEPT_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        answer = httpx.post(no_broker + "/v1/classify", files={"image": ("c.jpg", coffee_jpeg)},
+                            headers=api.headers, timeout=60)
+        assert answer.status_code == 503 and answer.headers["retry-after"]
+        assert answer.json()["error"]["code"] == "broker_unavailable"
+    finally:
+        platform.kill("no-broker", signal.SIGTERM)
+    [job] = api.get("/v1/jobs").json()["data"]
+    assert job["status"] == "canceled" and job["error"]["code"] == "broker_unavailable"
+    assert job["attempts"] == 0 and job["output"] is None

@@ -18,5 +18,6 @@ def run(conn) -> None:
 if connection is not None:
     run(connection)
 else:
+    assert url, "set sqlalchemy.url (percept.db.migrate.alembic_config does)"
     with create_engine(url).connect() as conn:
         run(conn)

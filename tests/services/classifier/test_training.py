@@ -1,5 +1,6 @@
-"""Custom classifiers: the synthetic data set, training on the real ImageNet backbone, serving the
-artifact (CustomClassifier) and per-class F1-weighted ensembles (EnsembleClassifier).
+"""Custom classifiers: the synthetic data set, training on the real ImageNet backbone (directly and as the
+worker's `ClassifierTrainer`), serving the artifact (CustomClassifier) and per-class F1-weighted ensembles
+(`EnsembleBuilder`, EnsembleClassifier).
 
 The backbone pass dominates the cost (~25 ms per image on 2 CPU cores), so the data sets are small
 64-pixel images, trained models are shared by module-scoped fixtures, and one feature cache serves all
@@ -16,24 +17,28 @@ import pytest
 import torch
 from PIL import Image
 
-from percept.predictor import JobCanceled, PredictRequest
+from percept.datasets import DatasetLimits
+from percept.errors import PerceptError
+from percept.predictor import JobCanceled, ModelArtifact, PredictRequest, TrainingData
 from services.classifier.custom import BACKBONE_LAYERS, CustomClassifier, frozen_backbone, load_custom_model
 from services.classifier.ensemble import (
+    EnsembleBuilder,
     EnsembleClassifier,
     build_ensemble_artifact,
     combine_probabilities,
     read_ensemble_artifact,
 )
-from services.classifier.synthetic import COLOURS, class_style, make_samples, write_zip
 from services.classifier.training import (
     FINE_TUNE_FROM_LAYER,
     MIN_LOSS_IMPROVEMENT,
+    ClassifierTrainer,
     FeatureExtractor,
     TrainingConfig,
     calibrate_threshold,
     stratified_split,
     train_classifier,
 )
+from tests.synthetic import COLOURS, class_style, make_samples, write_zip
 
 SIZE = 64
 EASY = {"blue-square": 12, "green-triangle": 12, "red-circle": 12}
@@ -69,10 +74,20 @@ def predict(classifier, images, **params) -> list[dict]:
 
 def probabilities(artifact: bytes, extractor: FeatureExtractor, images) -> np.ndarray:
     """A trained head on cached held-out features: the same numbers CustomClassifier serves, cheaper."""
-    model = load_custom_model(artifact)
+    model = load_custom_model(artifact, extractor.backbone)
     activations = extractor.activations(images, [0] * len(images), seed=0, stop=model.tuned_from_layer)
     with torch.no_grad():
-        return model.logits(activations, model.tuned_from_layer).softmax(dim=1).numpy()
+        logits = model.logits(activations.to(extractor.backbone.device.name), model.tuned_from_layer)
+        return logits.softmax(dim=1).cpu().numpy()
+
+
+def with_payload(artifact: bytes, **changes) -> bytes:
+    """The artifact with top-level payload entries replaced."""
+    payload = torch.load(io.BytesIO(artifact), weights_only=True)
+    payload.update(changes)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
 
 
 def recall(predicted: np.ndarray, targets: np.ndarray, c: int) -> float:
@@ -306,6 +321,71 @@ def test_an_exception_in_on_epoch_stops_training(easy_samples, extractor):
         train_classifier(easy_samples, TrainingConfig(epochs=10), on_epoch=cancel, extractor=extractor)
 
 
+# --- the worker's trainer: ClassifierTrainer ----------------------------------------------------
+
+
+def dataset_zip(samples, corrupt: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    write_zip(samples, buffer, corrupt=corrupt)
+    return buffer.getvalue()
+
+
+def test_classifier_trainer_trains_from_the_dataset_zip(easy_samples, easy_held_out):
+    archive = dataset_zip(easy_samples, corrupt=2)
+    data = TrainingData(archive=archive, limits=DatasetLimits(),
+                        dataset={"id": "ds_shapes", "sha256": hashlib.sha256(archive).hexdigest()})
+    steps = []
+    result = ClassifierTrainer().train(data, {"name": "shapes", "epochs": 4, "seed": 1, "balance": "class_weight"},
+                                       lambda done, total, info=None: steps.append((done, total, info)))
+
+    # The runtime registers the model from these and adds `output` to the job's output.
+    assert result.predictor == "services.classifier.custom:CustomClassifier"
+    assert result.model_kind == "classify"
+    assert result.output == {"dataset": {"id": "ds_shapes", "images": len(easy_samples), "skipped_files": 2}}
+    assert result.device == result.card["device"] == "cpu"
+    assert result.card["class_counts"] == EASY and result.card["config"]["balance"] == "class_weight"
+    assert result.metrics["epochs_run"] <= 4 and result.metrics["train_images"] + result.metrics["val_size"] == 36
+    # Progress covers both phases: backbone passes, then every epoch.
+    phases = [info["phase"] for _, _, info in steps]
+    assert "features" in phases and phases[-1] == "training"
+    assert [done for done, _, info in steps if info["phase"] == "training"] == list(
+        range(1, result.metrics["epochs_run"] + 1))
+    # The artifact serves, and knows the dataset's classes.
+    outputs = predict(CustomClassifier(result.artifact, "shapes", "1"), [image for image, _ in easy_held_out])
+    accuracy = np.mean([o["labels"][0]["label"] == label for o, (_, label) in zip(outputs, easy_held_out,
+                                                                                     strict=True)])
+    assert accuracy >= 0.8
+
+
+def test_classifier_trainer_refuses_unusable_datasets_with_a_message(easy_samples):
+    def train(archive):
+        ClassifierTrainer().train(TrainingData(archive, DatasetLimits()), {"name": "x"}, lambda *args: None)
+
+    # The archive's own checks keep their error code (the runtime reports a PerceptError as it is) ...
+    with pytest.raises(PerceptError, match="one class folder") as excinfo:
+        train(dataset_zip(easy_samples[:12]))
+    assert excinfo.value.code == "too_few_classes"
+    # ... and a second class whose only file does not decode leaves one class to train on.
+    buffer = io.BytesIO(dataset_zip(easy_samples[:12]))
+    with zipfile.ZipFile(buffer, "a") as archive:
+        archive.writestr("red-circle/broken.jpg", b"\xff\xd8\xff\xe0 not a photo")
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        train(buffer.getvalue())
+    with pytest.raises(ValueError, match="needs a dataset"):
+        train(None)
+
+
+def test_classifier_trainer_stops_when_on_step_cancels(easy_samples):
+    archive = dataset_zip(easy_samples)
+
+    def cancel(done, total, info=None):
+        if info["phase"] == "training" and done == 2:
+            raise JobCanceled()
+
+    with pytest.raises(JobCanceled):
+        ClassifierTrainer().train(TrainingData(archive, DatasetLimits()), {"name": "x", "epochs": 10}, cancel)
+
+
 # --- serving: CustomClassifier ------------------------------------------------------------------
 
 
@@ -352,13 +432,18 @@ def test_custom_classifier_verdicts(served, easy_held_out):
     assert unknown["unknown"] is True and unknown["match"]["verdict"] == "unknown"
 
 
-def test_custom_classifier_uses_its_threshold_unless_given_one(served, easy_model):
-    image = make_samples({"red-circle": 1}, seed=3, size=SIZE)[0][0]
-    threshold = easy_model.metrics["threshold"]
+def test_custom_classifier_uses_its_threshold_unless_given_one(easy_model, easy_held_out):
+    images = [image for image, _ in easy_held_out[:4]]
+    # The same weights with the calibrated threshold at either extreme: only the artifact's own threshold
+    # can make every image unknown (or none) when the request gives no threshold.
+    strict = CustomClassifier(with_payload(easy_model.artifact, threshold=0.9999), "strict", "1")
+    lenient = CustomClassifier(with_payload(easy_model.artifact, threshold=0.0), "lenient", "1")
 
-    assert served.check_inputs(PredictRequest([image], {})).unknown_threshold == threshold
-    assert served.check_inputs(PredictRequest([image], {"unknown_threshold": None})).unknown_threshold == threshold
-    assert served.check_inputs(PredictRequest([image], {"unknown_threshold": 0.3})).unknown_threshold == 0.3
+    for params in ({}, {"unknown_threshold": None}):
+        assert [o["unknown"] for o in predict(strict, images, **params)] == [True] * 4
+        assert [o["unknown"] for o in predict(lenient, images, **params)] == [False] * 4
+    assert [o["unknown"] for o in predict(strict, images, unknown_threshold=0.0)] == [False] * 4
+    assert [o["unknown"] for o in predict(lenient, images, unknown_threshold=1.0)] == [True] * 4
 
 
 @pytest.mark.parametrize("params", [{"top_k": 0}, {"top_k": "5"}, {"top_k": 1001}, {"unknown_threshold": 1.5},
@@ -370,11 +455,13 @@ def test_custom_classifier_rejects_bad_params(served, params):
 
 
 def test_custom_classifier_setup_is_lazy_and_idempotent(easy_model):
-    classifier = CustomClassifier(easy_model.artifact, "shapes", "3")
+    classifier = CustomClassifier(easy_model.artifact, "shapes", "3", device="cpu")
     assert classifier._model is None
     info = classifier.setup()
+    model = classifier._model
 
     assert classifier.setup() is info
+    assert classifier._model is model  # loaded once
     assert (info.name, info.version, info.device) == ("shapes", "3", "cpu")
     assert info.sha256 == hashlib.sha256(easy_model.artifact).hexdigest()
     assert "torch" in info.libraries
@@ -465,6 +552,8 @@ def test_ensemble_weights_members_by_their_f1_per_class(easy_model, easy_held_ou
     # that an x is a z as A is that it is an x); weighted by F1 it stays near A's own confidence.
     assert true_score(outputs, x) >= 0.8 and true_score(outputs, y) >= 0.8
     assert ensemble.setup().sha256 == hashlib.sha256(artifact).hexdigest()
+    # Both members carry the trained model's calibrated threshold, so its F1-weighted mean is that threshold.
+    assert ensemble.threshold == pytest.approx(easy_model.metrics["threshold"])
 
 
 def test_combine_probabilities_by_class_f1_over_the_union_of_classes():
@@ -494,3 +583,55 @@ def test_ensemble_artifact_is_a_deterministic_zip():
         build_ensemble_artifact([("a:1", b"first", {"x": 1.5})])
     with pytest.raises(ValueError, match="not an ensemble"):
         read_ensemble_artifact(b"junk")
+
+
+# --- the worker's builder: EnsembleBuilder -------------------------------------------------------
+
+
+F1_EASY = {label: 0.9 for label in EASY}
+
+
+def member(ref: str, artifact: bytes, f1: dict[str, float | None], card: dict | None = None) -> ModelArtifact:
+    """A registered model as the runtime hands it over: training metrics carry per-class F1."""
+    per_class = {label: {"f1": value, "support": 2} for label, value in f1.items()}
+    return ModelArtifact(ref, artifact, {"per_class": per_class, "macro_f1": 0.5},
+                         card or {"model_type": "custom-classifier"})
+
+
+def test_ensemble_builder_builds_a_servable_ensemble_from_registered_models(easy_model, easy_held_out):
+    x, y, z = "blue-square", "green-triangle", "red-circle"
+    member_a = relabelled(easy_model.artifact, (y, z))
+    member_b = relabelled(easy_model.artifact, (x, z))
+    f1_a, f1_b = {x: 1.0, y: 0.0, z: 0.5}, {x: 0.0, y: 1.0, z: None}
+    steps = []
+    result = EnsembleBuilder().train(TrainingData(None, DatasetLimits(), models=[
+        member("a:1", member_a, f1_a), member("b:2", member_b, f1_b)]), {"name": "vote"},
+        lambda done, total, info=None: steps.append((done, total)))
+
+    assert result.predictor == "services.classifier.ensemble:EnsembleClassifier"
+    assert result.model_kind == "classify" and result.device == "cpu"
+    assert result.metrics == {"members": {"a:1": f1_a, "b:2": f1_b}}
+    assert result.card["type"] == "ensemble" and result.card["members"] == ["a:1", "b:2"]
+    assert result.card["labels"] == sorted(EASY) and "F1" in result.card["weighting"]
+    assert steps[-1] == (2, 2)
+    # The same artifact the format's own builder makes from those weights, and it serves.
+    assert result.artifact == build_ensemble_artifact([("a:1", member_a, f1_a), ("b:2", member_b, f1_b)])
+    images = [image for image, label in easy_held_out if label == x]
+    outputs = predict(EnsembleClassifier(result.artifact, "vote", "1"), images)
+    assert np.mean([o["labels"][0]["label"] == x for o in outputs]) >= 0.8  # A (F1 1.0 on x) wins over B
+
+
+@pytest.mark.parametrize(("members", "message"), [
+    (lambda good: [member("a:1", good, {"blue-square": 1.0})], "at least 2"),
+    (lambda good: [member("a:1", good, F1_EASY), member("a:1", good, F1_EASY)], "different models"),
+    (lambda good: [member("a:1", good, F1_EASY), member("b:1", b"not a model", F1_EASY)], "'b:1'.*not a custom"),
+    (lambda good: [member("a:1", good, F1_EASY), member("b:1", good, {})], "'b:1' has no per-class F1"),
+    (lambda good: [member("a:1", good, F1_EASY), member("b:1", good, {"blue-square": 1.0})], "'b:1' has no F1 for"),
+    (lambda good: [member("a:1", good, F1_EASY), member("v:1", good, F1_EASY, {"type": "ensemble"})],
+     "'v:1' is an ensemble"),
+])
+def test_ensemble_builder_fails_the_job_for_a_member_that_cannot_be_served(easy_model, members, message):
+    data = TrainingData(None, DatasetLimits(), models=members(easy_model.artifact))
+    with pytest.raises(ValueError, match=r"^\[invalid_ensemble_member\] .*" + message):
+        EnsembleBuilder().train(data, {"name": "vote"}, lambda *args: None)
+

@@ -19,6 +19,7 @@ from percept.predictor import PredictRequest
 from services.facerec.expressions import LABELS, ExpressionModel, expression_crop, packaged_weights_path
 from services.facerec.faces import (
     CHIP_SIZE,
+    CNN_FILE,
     EMBEDDING_SIZE,
     MIN_HOG_SCORE,
     FaceAnalyzer,
@@ -34,6 +35,7 @@ from services.facerec.predictors import (
     FaceVerifyPredictor,
     MemePredictor,
 )
+from services.facerec.service import SERVICE
 
 # The astronaut's face (dlib HOG box [175, 76, 91, 91]) and her mission patch, a HOG false positive.
 ASTRONAUT_FACE_CENTRE = (220, 121)
@@ -316,9 +318,25 @@ def test_setup_is_idempotent_and_names_the_resnet_weights(embed, analyzer):
     info = embed.setup()
 
     assert embed.setup() is info
-    assert info.name == "dlib-resnet-face-embedding"
+    assert info.name == "dlib-face-enroller"
     assert info.sha256 == hashlib.sha256(analyzer.resnet_path.read_bytes()).hexdigest()
-    assert "dlib" in info.libraries and "tensorflow" not in info.libraries
+    assert info.device == "cpu"
+    assert {"dlib", "face_recognition_models", "numpy"} <= set(info.libraries)
+    assert "tensorflow" not in info.libraries
+
+
+def test_each_predictor_names_its_registry_model_and_weights(request, analyzer, expression_model):
+    fixtures = {"FaceDetectPredictor": "detect", "FaceEmbedPredictor": "embed", "FaceVerifyPredictor": "verify",
+                "FaceIdentifyPredictor": "identify", "MemePredictor": "memes"}
+    # Every built-in model the service declares is served by one of these classes, under its declared name.
+    for model in SERVICE.models:
+        predictor = request.getfixturevalue(fixtures[model.predictor.rpartition(":")[2]])
+        info = predictor.setup()
+        assert (info.name, info.version, info.device) == (model.name, model.version, "cpu")
+    detector, meme = request.getfixturevalue("detect").setup(), request.getfixturevalue("memes").setup()
+    assert detector.sha256 == hashlib.sha256((analyzer.models_dir / CNN_FILE).read_bytes()).hexdigest()
+    assert meme.sha256 == hashlib.sha256(expression_model.weights_path.read_bytes()).hexdigest()
+    assert {"tensorflow", "fer"} <= set(meme.libraries)
 
 
 def test_concurrent_analyses_agree(analyzer, astronaut_faces):

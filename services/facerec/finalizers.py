@@ -1,9 +1,10 @@
-"""What some job kinds do with a prediction before it is written: store embeddings, search a
-collection, store a generated image. Runs in the transaction that writes the job's result, so the
-side effects land exactly when the result does."""
+"""What the face job kinds do with a prediction before it is written (their declared `finalizer`): store
+an enrollment's embedding, search a collection, store a meme. The worker runtime runs them in the
+transaction that writes the job's result, so the side effects land exactly when the result does.
+
+The one module of the service that touches the database: predictors stay free of it (import-linter)."""
 
 import hashlib
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -61,8 +62,3 @@ def store_meme(infra: Infra, session: Session, tenant_id: str, job_id: str, para
         content_type=facts.content_type, width=facts.width, height=facts.height, bytes=facts.bytes,
         source_job_id=job_id))
     return {"image_id": image.id, **output, "source_image_id": inputs[0]["image_id"]}
-
-
-Finalizer = Callable[[Infra, Session, str, str, dict[str, Any], list[dict[str, Any]], dict[str, Any]], dict[str, Any]]
-FINALIZERS: dict[str, Finalizer] = {"faces_enroll": enroll_face, "faces_identify": identify_faces,
-                                    "memes": store_meme}

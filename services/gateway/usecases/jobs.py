@@ -1,0 +1,183 @@
+"""Jobs: submit one (any kind, from the services' declarations), read, list, cancel and wait for them."""
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from percept.db import jobs as job_repo
+from percept.db import registry
+from percept.db.ids import new_id
+from percept.db.models import Job, JobStatus
+from percept.db.session import session_scope
+from percept.errors import Conflict, DependencyUnavailable, InvalidInput, NotFound, QuotaExceeded
+from percept.infra import Infra
+from percept.queue import publish_job_event, send_job
+from percept.services import catalog
+from services.gateway.events import JobEvents, wait_for_change
+from services.gateway.schemas import JobOut, JobPage
+from services.gateway.transaction import after_commit, commit
+
+
+@dataclass
+class JobRequest:
+    kind: str
+    params: dict[str, Any]  # normalised: every default filled in
+    # What the job reads, resolved and checked against the tenant by the caller: {"image_id", "sha256"},
+    # {"dataset_id", "sha256"} or {"model_id", "ref", "sha256"} items.
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    # As asked: `name` or `name:version`, resolved against the registry; None: the kind's default model.
+    model: str | None = None
+    idempotency_key: str | None = None
+
+    def fingerprint(self) -> str:
+        body = {"kind": self.kind, "params": self.params, "inputs": [i["sha256"] for i in self.inputs]}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobRequest) -> tuple[Job, bool]:
+    """Record the job; its task is sent once the request commits. Returns (job, created): an idempotent
+    replay is not created, and nothing is sent for it."""
+    kind = catalog().kind(request.kind)
+    fingerprint = request.fingerprint()  # of the request as sent: a replay matches after a new model version
+    params = dict(request.params)
+    requested = request.model or kind.default_model
+    if requested is not None:
+        params["model"] = _resolve_model(session, tenant_id, request.kind, requested)
+    if request.idempotency_key:
+        existing = job_repo.find_by_idempotency_key(session, tenant_id, request.idempotency_key)
+        if existing is not None:
+            return _replay(existing, fingerprint), False
+    pending = job_repo.count_pending(session, tenant_id)
+    if pending >= infra.settings.max_pending_jobs_per_tenant:
+        raise QuotaExceeded(
+            f"You have {pending} jobs queued or running, the most allowed; wait for some to finish.",
+            details={"pending": pending, "limit": infra.settings.max_pending_jobs_per_tenant})
+    job = Job(id=new_id("job"), tenant_id=tenant_id, kind=request.kind, queue=kind.queue, status=JobStatus.QUEUED,
+              model_name=params.get("model", params.get("name")), params=params, inputs=request.inputs,
+              progress={"done": 0, "total": 1}, attempts=0, cancel_requested=False,
+              provenance={"inputs": request.inputs, "seed": params.get("seed")},
+              idempotency_key=request.idempotency_key, request_hash=fingerprint)
+    if not job_repo.add_job(session, job):  # a concurrent request with the same Idempotency-Key won the race
+        existing = job_repo.find_by_idempotency_key(session, tenant_id, request.idempotency_key or "")
+        if existing is None:  # used more than 24 hours ago: keys are never reused
+            raise Conflict("This Idempotency-Key was used before; use a new key for a new request.",
+                           code="idempotency_key_reused")
+        return _replay(existing, fingerprint), False
+    after_commit(session, partial(_send, session, infra.broker_url, job.kind, job.id))
+    return job, True
+
+
+def _send(session: Session, broker_url: str, kind: str, job_id: str) -> None:
+    """Send the committed job's task. If the broker refuses it, the job is ended (so a late delivery does
+    not run what the client is told failed) and the 503 goes to the client."""
+    try:
+        send_job(broker_url, kind, job_id)
+    except DependencyUnavailable:
+        job_repo.fail_unsent(session, job_id, "The job queue was unreachable; nothing was run.")
+        commit(session)
+        raise
+
+
+def _resolve_model(session: Session, tenant_id: str, kind: str, requested: str) -> str:
+    """`name` (latest version) or `name:version` -> `name:version`, checked against the registry."""
+    name, _, version = requested.partition(":")
+    versions = [m for m in registry.model_versions(session, tenant_id, name) if m.kind == kind]
+    if not versions:
+        raise NotFound(f"No {kind} model named {name!r}; GET /v1/models lists them.", code="model_not_found")
+    chosen = versions[-1] if not version else next((m for m in versions if m.version == version), None)
+    if chosen is None:
+        raise NotFound(f"Model {name!r} has no version {version!r}; it has "
+                       f"{', '.join(m.version for m in versions)}.", code="model_version_not_found")
+    return f"{chosen.name}:{chosen.version}"
+
+
+def _replay(existing: Job, fingerprint: str) -> Job:
+    if existing.request_hash != fingerprint:
+        raise Conflict("This Idempotency-Key was used with a different request in the last 24 hours; "
+                       "use a new key for a new request.", code="idempotency_key_reused",
+                       details={"job_id": existing.id})
+    return existing
+
+
+def job_out(session: Session, job: Job) -> JobOut:
+    kind = catalog().job_kinds.get(job.kind)
+    return JobOut.of(job, job_repo.child_ids(session, job.id) if kind is not None and kind.has_children else [])
+
+
+def read_job(session: Session, tenant_id: str, job_id: str) -> JobOut:
+    job = job_repo.get_job(session, tenant_id, job_id)
+    if job is None:
+        raise NotFound(f"No job {job_id!r}.", code="job_not_found")
+    return job_out(session, job)
+
+
+def look_up_job(database_url: str, tenant_id: str, job_id: str) -> JobOut:
+    """The job as committed now, read in a short session of its own. Waiters (long-polls, event streams)
+    look at every wake-up: none holds a database connection while it waits."""
+    with session_scope(database_url) as session:
+        return read_job(session, tenant_id, job_id)
+
+
+def list_jobs(session: Session, tenant_id: str, *, kind: str | None, status: str | None, model: str | None,
+              q: str | None, limit: int, cursor: str | None) -> JobPage:
+    """Newest first; `cursor` is the previous page's `next_cursor`."""
+    if cursor is not None and not cursor.startswith("job_"):
+        raise InvalidInput("`cursor` must be the `next_cursor` of a previous page.", code="invalid_cursor")
+    rows = job_repo.list_jobs(session, tenant_id, kind=kind, status=status, model=model, q=q, limit=limit + 1,
+                              before_id=cursor)
+    data = [job_out(session, job) for job in rows[:limit]]
+    return JobPage(data=data, next_cursor=data[-1].id if len(rows) > limit else None)
+
+
+def cancel_job(session: Session, infra: Infra, tenant_id: str, job_id: str) -> JobOut:
+    """A queued job ends at once; a running one is flagged and stops at its next step boundary."""
+    job = job_repo.get_job(session, tenant_id, job_id)
+    if job is None:
+        raise NotFound(f"No job {job_id!r}.", code="job_not_found")
+    out = job_out(session, job_repo.cancel(session, job))
+    # Waiters (and the webhook sender, on a job that ended here) wake once the cancel is committed.
+    after_commit(session, partial(publish_job_event, infra.broker_url, job_id, out.status))
+    return out
+
+
+def parse_wait(prefer: str | None, max_wait: float) -> float:
+    """`Prefer: wait=N` -> seconds to hold the response (0 when absent); N above the cap is capped."""
+    for part in (prefer or "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                seconds = float(value)
+            except ValueError:
+                raise InvalidInput("`Prefer: wait=N` takes a number of seconds, e.g. `wait=10`.",
+                                   code="invalid_prefer_wait") from None
+            if not seconds >= 0:  # negative, or NaN
+                raise InvalidInput("`Prefer: wait=N` takes a number of seconds >= 0.", code="invalid_prefer_wait")
+            return min(seconds, max_wait)
+    return 0.0
+
+
+async def wait_for_job(infra: Infra, events: JobEvents, tenant_id: str, job_id: str, wait: float,
+                       known: JobOut | None = None) -> JobOut:
+    """The job once terminal, or as it stands when `wait` seconds have passed.
+
+    `known` is the job as its submitter just committed it: it stands in for the first look (a change
+    made before the watch began still wakes it, see JobEvents.watch).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    async with events.watch(job_id, only_terminal=True) as changed:
+        job = known
+        while True:
+            if job is None:
+                job = await run_in_threadpool(look_up_job, infra.database_url, tenant_id, job_id)
+            remaining = deadline - loop.time()
+            if JobStatus(job.status).is_terminal() or remaining <= 0:
+                return job
+            await wait_for_change(changed, remaining)
+            job = None

@@ -1,0 +1,91 @@
+"""The model registry as clients see it, and the jobs that add to it: training and ensembles."""
+
+from sqlalchemy.orm import Session
+
+from percept.db import registry
+from percept.db.models import Job, Model
+from percept.errors import Conflict, InvalidInput, NotFound
+from percept.infra import Infra
+from percept.predictor import parse_model_ref
+from services.gateway.schemas import ModelOut, ModelVersionOut, TrainClassifierParams
+from services.gateway.usecases.datasets import ready_dataset
+from services.gateway.usecases.jobs import JobRequest, submit_job
+
+# The job kinds behind POST /v1/train/classifier and POST /v1/models/ensembles; the services declare them.
+TRAIN_CLASSIFIER = "train_classifier"
+BUILD_ENSEMBLE = "build_ensemble"
+# Ensembles combine models that answer this kind.
+CLASSIFY = "classify"
+
+
+def _grouped(rows: list[Model]) -> list[ModelOut]:
+    by_name: dict[str, list[Model]] = {}
+    for row in rows:
+        by_name.setdefault(row.name, []).append(row)
+    return [ModelOut(name=name, kind=versions[-1].kind, builtin=versions[-1].tenant_id is None,
+                     latest=versions[-1].version,
+                     versions=[ModelVersionOut(version=m.version, status=m.status, weights_sha256=m.weights_sha256,
+                                               device=m.device, metrics=m.metrics, card=m.card,
+                                               created_at=m.created_at)
+                               for m in versions])
+            for name, versions in by_name.items()]
+
+
+def list_models(session: Session, tenant_id: str) -> list[ModelOut]:
+    """Built-in models and the tenant's own, with their versions."""
+    return _grouped(registry.list_models(session, tenant_id))
+
+
+def find_model(session: Session, tenant_id: str, name: str) -> ModelOut:
+    found = _grouped(registry.model_versions(session, tenant_id, name))
+    if not found:
+        raise NotFound(f"No model named {name!r}; GET /v1/models lists them.", code="model_not_found")
+    return found[0]
+
+
+def _check_name_free(session: Session, name: str) -> None:
+    if registry.is_builtin_name(session, name):
+        raise Conflict(f"{name!r} is a built-in model; choose another name.", code="model_name_reserved")
+
+
+def train_classifier(session: Session, infra: Infra, tenant_id: str, params: TrainClassifierParams,
+                     idempotency_key: str | None) -> tuple[Job, bool]:
+    """A training job on an analysed dataset; it registers `name` version N+1 when it succeeds."""
+    _check_name_free(session, params.name)
+    dataset = ready_dataset(session, tenant_id, params.dataset)
+    return submit_job(session, infra, tenant_id, JobRequest(
+        kind=TRAIN_CLASSIFIER, params=params.model_dump(),
+        inputs=[{"dataset_id": dataset.id, "sha256": dataset.sha256}], idempotency_key=idempotency_key))
+
+
+def _is_ensemble(model: Model) -> bool:
+    return model.card.get("type") == "ensemble"
+
+
+def _member(session: Session, tenant_id: str, ref: str) -> Model:
+    """The tenant's trained classifier `name` (latest) or `name:version` that can join an ensemble."""
+    name, version = parse_model_ref(ref)
+    versions = [m for m in registry.model_versions(session, tenant_id, name) if m.tenant_id is not None]
+    chosen = versions[-1] if versions and not version else next((m for m in versions if m.version == version), None)
+    if chosen is None:
+        raise NotFound(f"No trained model {ref!r} of yours; train one with POST /v1/train/classifier.",
+                       code="model_not_found", details={"member": ref})
+    if chosen.kind != CLASSIFY or not chosen.artifact_key or _is_ensemble(chosen):
+        raise InvalidInput(f"{ref!r} is not a trained classifier; ensembles combine trained classifiers.",
+                           code="invalid_ensemble_member", details={"member": ref})
+    return chosen
+
+
+def create_ensemble(session: Session, infra: Infra, tenant_id: str, name: str, member_refs: list[str],
+                    idempotency_key: str | None) -> tuple[Job, bool]:
+    """A job that builds an ensemble of trained classifiers (a worker reads their artifacts) and registers
+    it as `name` version N+1; each member's vote for a class is weighted by its validation F1."""
+    _check_name_free(session, name)
+    members = [_member(session, tenant_id, ref) for ref in member_refs]
+    refs = [f"{m.name}:{m.version}" for m in members]
+    if len(set(refs)) < len(refs):
+        raise InvalidInput("An ensemble's members must be different models.", code="invalid_ensemble_member",
+                           details={"members": refs})
+    inputs = [{"model_id": m.id, "ref": ref, "sha256": m.weights_sha256} for m, ref in zip(members, refs, strict=True)]
+    return submit_job(session, infra, tenant_id, JobRequest(
+        kind=BUILD_ENSEMBLE, params={"name": name, "members": refs}, inputs=inputs, idempotency_key=idempotency_key))
