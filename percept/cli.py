@@ -71,8 +71,11 @@ def gateway() -> None:
 
     settings = get_settings()
     _logging()
+    # X-Forwarded-For is believed only from the proxies named in PERCEPT_TRUSTED_PROXIES (uvicorn's own
+    # default trusts loopback, which would let any local client pick the address its wrong keys count on).
     uvicorn.run("services.gateway.app:create_app", factory=True, host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=False)
+                log_level=settings.log_level.lower(), access_log=False,
+                forwarded_allow_ips=settings.trusted_proxies)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

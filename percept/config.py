@@ -1,16 +1,38 @@
 """Settings for every Percept deployable: the only place that reads the environment."""
 
+import ipaddress
+import re
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Values shipped as examples (docker-compose.yml's defaults, k8s/secret.yaml, docs): a production
+# secret containing one of them, in any case, was never replaced.
+PLACEHOLDER_MARKERS = ("percept-dev-secret", "change-me", "changeme", "change_me", "changethis", "change-this",
+                       "replace-me", "replaceme", "placeholder")
+# Passwords tried first by anyone guessing, and the images' own defaults (minioadmin; compose's Postgres
+# password `percept`): a production secret may not be one of them.
+WEAK_SECRETS = frozenset({"password", "passw0rd", "secret", "admin", "root", "postgres", "percept", "minioadmin",
+                          "redis", "test", "testing", "default", "changeit", "letmein", "qwerty", "123456",
+                          "12345678"})
+
+# A DNS name, optionally `*.` + a suffix (IDNA names in their xn-- form).
+_HOST_PATTERN = re.compile(r"(\*\.)?([a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PERCEPT_", extra="ignore")
+    # Errors never echo the input: it holds the secrets.
+    model_config = SettingsConfigDict(env_prefix="PERCEPT_", extra="ignore", hide_input_in_errors=True)
+
+    # `production` refuses to start on a placeholder secret (PLACEHOLDER_MARKERS, WEAK_SECRETS) or without
+    # configured infrastructure. Embedded mode and the tests are development; docker-compose.yml is
+    # development unless its .env says production; k8s/ is production.
+    environment: Literal["development", "production"] = "development"
 
     # Where embedded mode keeps Postgres, Redis and objects; relative paths resolve from the cwd.
     data_dir: Path = Path(".data")
@@ -31,6 +53,14 @@ class Settings(BaseSettings):
     # gateway replicas; over it, 429 + Retry-After. Empty: no limit. The default caps a runaway
     # client at 100/s on average but lets bursts (a batch of uploads) through.
     rate_limit: str | None = "6000/minute"
+    # Requests with a wrong API key per client address (an IPv6 client's /64); over it, that address gets
+    # 429 + Retry-After for every key until the window frees. Empty: no limit. Keys are 256-bit random, so
+    # this is not what keeps them secret: it keeps a guesser (or a client stuck on a revoked key) from
+    # sending a database lookup per request at line rate.
+    auth_failure_limit: str | None = "20/minute"
+    # Proxies (addresses or CIDR networks) whose X-Forwarded-For names the client; none by default, so a
+    # client cannot pick the address it is counted under. Given to uvicorn as its forwarded_allow_ips.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Prefer: wait=N is capped here (API.md: N <= 60 s).
     max_wait: timedelta = timedelta(seconds=60)
 
@@ -45,6 +75,10 @@ class Settings(BaseSettings):
     # Celery: soft limit raises inside the task, hard limit kills the child process.
     task_soft_time_limit: timedelta = timedelta(minutes=10)
     task_hard_time_limit: timedelta = timedelta(minutes=11)
+    # One predict() call may run this long. Past it the worker gives its jobs up (tried again, or failed
+    # `inference_timeout` on their last attempt) and stops their heartbeat: Celery's time limits do not
+    # reach a batching worker's solo pool, and a call stuck in C code cannot be interrupted.
+    inference_deadline: timedelta = timedelta(seconds=120)
     # Micro-batching on the classify queue: at most this many images per forward pass. The worker
     # looks at its buffer every `classify_batch_wait`; while more messages wait in the broker it keeps
     # taking them in, for at most `classify_batch_gather`, before the batch runs.
@@ -56,9 +90,10 @@ class Settings(BaseSettings):
     webhook_timeout: timedelta = timedelta(seconds=10)
     webhook_retry_base: timedelta = timedelta(seconds=10)
     webhook_max_attempts: int = 8
-    # False: refuse webhook URLs that resolve to loopback, private or link-local addresses (cloud
-    # metadata included), for deployments whose tenants must not reach the internal network.
-    webhook_allow_private: bool = True
+    # Webhooks go to public addresses only: a URL whose host resolves to a loopback, private, link-local
+    # (cloud metadata) or otherwise non-public address is refused, unless its host name or the address is
+    # listed here (comma-separated names, `*.suffix` wildcards, addresses and CIDR networks).
+    webhook_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Dataset zips (POST /v1/datasets): the upload cap and the zip-bomb guards.
     max_dataset_bytes: int = 500 * 1024 * 1024
@@ -70,6 +105,9 @@ class Settings(BaseSettings):
     api_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
 
+    # Set: GET /metrics wants `Authorization: Bearer <token>` (Prometheus: `authorization.credentials`).
+    metrics_token: str | None = None
+
     # Which device the models run on: auto (a CUDA GPU when the framework sees one, else the CPU), cpu,
     # cuda or cuda:N. A device that cannot be had stops the worker at start-up (percept/devices.py).
     device: str = "auto"
@@ -80,7 +118,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     @field_validator("max_wait", "requeue_after", "job_lease", "sweep_interval", "task_soft_time_limit",
-                     "task_hard_time_limit", "classify_batch_wait", "classify_batch_gather",
+                     "task_hard_time_limit", "inference_deadline", "classify_batch_wait", "classify_batch_gather",
                      "webhook_timeout", "webhook_retry_base", mode="before")
     @classmethod
     def _seconds(cls, value: object) -> object:
@@ -92,7 +130,7 @@ class Settings(BaseSettings):
                 return value
         return value
 
-    @field_validator("rate_limit")
+    @field_validator("rate_limit", "auth_failure_limit")
     @classmethod
     def _rate(cls, value: str | None) -> str | None:
         if value:
@@ -111,18 +149,66 @@ class Settings(BaseSettings):
 
         return check_device_setting(value)
 
-    @field_validator("extra_services", mode="before")
+    @field_validator("extra_services", "webhook_allow", "trusted_proxies", mode="before")
     @classmethod
-    def _modules(cls, value: object) -> object:
+    def _comma_separated(cls, value: object) -> object:
         """A comma-separated list in the environment (PERCEPT_EXTRA_SERVICES=a.service,b.service)."""
         if isinstance(value, str) and not value.lstrip().startswith("["):
-            return [module.strip() for module in value.split(",") if module.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, entries: list[str]) -> list[str]:
+        try:
+            return [str(ipaddress.ip_network(entry, strict=False)) for entry in entries]
+        except ValueError as exc:
+            raise ValueError(f"PERCEPT_TRUSTED_PROXIES: {exc}; list addresses or CIDR networks (10.0.0.0/8)") from None
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _webhook_allow(cls, entries: list[str]) -> list[str]:
+        """Each entry as a network (`10.0.0.0/8`, an address is a /32 or /128) or a lower-case host name."""
+        checked = []
+        for entry in entries:
+            try:
+                checked.append(str(ipaddress.ip_network(entry, strict=False)))
+                continue
+            except ValueError:
+                pass
+            name = entry.lower().rstrip(".")
+            if not _HOST_PATTERN.fullmatch(name):
+                raise ValueError(f"PERCEPT_WEBHOOK_ALLOW: {entry!r} is neither a host name (hooks.internal, "
+                                 "*.svc.cluster.local) nor an address or CIDR network (10.0.0.0/8)")
+            checked.append(name)
+        return checked
 
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _production_ready(self) -> "Settings":
+        """In production: configured infrastructure, and no secret left at a placeholder."""
+        if self.environment != "production":
+            return self
+        problems = [f"set {variable} (embedded {what} is for development)"
+                    for variable, value, what in (("PERCEPT_DATABASE_URL", self.database_url, "Postgres"),
+                                                  ("PERCEPT_BROKER_URL", self.broker_url, "Redis"),
+                                                  ("PERCEPT_STORAGE_URL", self.storage_url, "object storage"))
+                    if not value]
+        for variable, value, secret_part in (
+                ("PERCEPT_DATABASE_URL", self.database_url, "the database password"),
+                ("PERCEPT_BROKER_URL", self.broker_url, "the Redis password"),
+                ("PERCEPT_STORAGE_URL", self.storage_url, "the access and secret keys"),
+                ("PERCEPT_METRICS_TOKEN", self.metrics_token, "a long random token"),
+                ("PERCEPT_API_KEY", self.api_key, "a real API key")):
+            if value and (reason := _placeholder_reason(value)):
+                problems.append(f"{variable} {reason}: set {variable} with {secret_part} of this deployment")
+        if problems:
+            raise ValueError("PERCEPT_ENVIRONMENT=production refuses to start: " + "; ".join(problems) + ".")
+        return self
 
     @property
     def embedded_database(self) -> bool:
@@ -134,6 +220,19 @@ class Settings(BaseSettings):
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or (self.data_dir / "objects").as_uri()
+
+
+def _placeholder_reason(value: str) -> str | None:
+    """Why `value` (a secret, or a URL carrying one) is a placeholder, without repeating the secret; or None."""
+    text = unquote(value).lower()
+    if marker := next((m for m in PLACEHOLDER_MARKERS if m in text), None):
+        return f"still holds the placeholder {marker!r}"
+    if "://" in value:  # a URL: its password (an S3 URL's secret key) is the secret
+        password = urlsplit(value).password
+        secret = unquote(password) if password else None
+    else:
+        secret = value
+    return "carries a well-known default password" if secret and secret.lower() in WEAK_SECRETS else None
 
 
 @lru_cache

@@ -1,7 +1,8 @@
 """Image intake shared by the gateway (inspect before storing) and the workers (decode for a model).
 
 Pillow only reads the header on open, so the pixel cap is checked before any pixel is decoded: a
-decompression bomb is refused, never allocated.
+decompression bomb is refused, never allocated. The cap is each caller's own (an argument), never
+Pillow's process-wide `Image.MAX_IMAGE_PIXELS`: the gateway decodes for many requests at once.
 """
 
 import hashlib
@@ -30,6 +31,11 @@ OPENERS = [name for name in ACCEPTED_FORMATS if name != "MPO"]
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's own bomb guard (its default, warning over 89 MP and refusing over 179 MP) stays as a backstop;
+# it is one process-wide number, so it is left alone and each call checks its own cap on the header.
+# Its warning only repeats what that check says; silenced once here (catch_warnings per call is not
+# thread-safe).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -45,14 +51,10 @@ class ImageFacts:
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise InvalidImage("The image is empty: send the file's bytes.", code="empty_image", status=400)
-    # Our own check below gives the message; Pillow's own bomb guard stays on as a backstop at 2x.
-    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(BytesIO(data), formats=OPENERS)
-    except Image.DecompressionBombError:
-        raise _too_many_pixels(None, max_pixels) from None
+        image = Image.open(BytesIO(data), formats=OPENERS)  # the header only
+    except Image.DecompressionBombError:  # past Pillow's backstop (twice its limit), whatever the cap
+        raise _too_many_pixels(None, min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InvalidImage(f"The file is not a readable image: send a {ACCEPTED_NAMES} file.",
                            code="unsupported_image") from None
@@ -70,11 +72,11 @@ def _too_many_pixels(image: Image.Image | None, max_pixels: int) -> ImageTooLarg
         code="image_too_many_pixels", details={"max_pixels": max_pixels})
 
 
-def _load(image: Image.Image) -> None:
+def _load(image: Image.Image, max_pixels: int) -> None:
     try:
         image.load()  # the first frame of a GIF, TIFF or MPO
-    except Image.DecompressionBombError:
-        raise _too_many_pixels(image, Image.MAX_IMAGE_PIXELS or 0) from None
+    except Image.DecompressionBombError:  # a frame larger than its header said, past Pillow's backstop
+        raise _too_many_pixels(image, max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImage(f"The image is corrupt or truncated ({exc}); send the complete file.",
                            code="corrupt_image", status=422) from None
@@ -102,7 +104,7 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageFacts:
     image = _open(data, max_pixels)
     width, height = _oriented_size(image)
     _reduce(image, 1)
-    _load(image)
+    _load(image, max_pixels)
     fmt = image.format or "unknown"
     return ImageFacts(sha256=hashlib.sha256(data).hexdigest(), format=fmt,
                       content_type=ACCEPTED_FORMATS[fmt], width=width, height=height, bytes=len(data))
@@ -122,7 +124,7 @@ def decode_rgb(data: bytes, max_pixels: int, at_least: int | None = None) -> Ima
     image = _open(data, max_pixels)
     if at_least is not None:
         _reduce(image, at_least)
-    _load(image)
+    _load(image, max_pixels)
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")

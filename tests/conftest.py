@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -34,6 +35,7 @@ TEST_ENV = {
     "PERCEPT_MAX_PENDING_JOBS_PER_TENANT": "6",
     "PERCEPT_WEBHOOK_RETRY_BASE": "0.3",
     "PERCEPT_WEBHOOK_MAX_ATTEMPTS": "4",
+    "PERCEPT_WEBHOOK_ALLOW": "127.0.0.0/8",
     "PERCEPT_LOG_LEVEL": "WARNING",
 }
 
@@ -56,6 +58,45 @@ def wait_until(condition: Callable[[], object], timeout: float = 60, interval: f
         time.sleep(interval)
 
 
+# moto takes any credentials; these only have to match between the platform and the tests.
+S3_ACCESS, S3_SECRET = "testing", "testing"
+
+
+@dataclass
+class Bucket:
+    """An S3 bucket on moto's server, seen with the minio client: what the platform really stored there."""
+
+    endpoint: str
+    name: str
+
+    @property
+    def client(self):
+        from minio import Minio
+
+        return Minio(self.endpoint, access_key=S3_ACCESS, secret_key=S3_SECRET, secure=False)
+
+    @property
+    def storage_url(self) -> str:
+        return f"s3://{S3_ACCESS}:{S3_SECRET}@{self.endpoint}/{self.name}?secure=false"
+
+    def keys(self, prefix: str = "") -> set[str]:
+        return {item.object_name for item in self.client.list_objects(self.name, prefix=prefix, recursive=True)}
+
+    def get(self, key: str) -> bytes:
+        response = self.client.get_object(self.name, key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+
+def new_bucket(endpoint: str) -> Bucket:
+    bucket = Bucket(endpoint, f"percept-{uuid.uuid4().hex[:12]}")
+    bucket.client.make_bucket(bucket.name)
+    return bucket
+
+
 @dataclass
 class Platform:
     data_dir: Path
@@ -63,6 +104,7 @@ class Platform:
     broker_url: str
     storage_url: str
     port: int = 0
+    bucket: Bucket | None = None  # the S3 bucket when storage_url names one
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -138,21 +180,55 @@ def make_infra(data_dir: Path) -> tuple[list, str, str]:
     return [server, redis_process], database_url, broker_url
 
 
+@contextmanager
+def running_platform(data_dir: Path, bucket: Bucket | None = None) -> Iterator[Platform]:
+    """Gateway + classifier, training and face workers on embedded Postgres and Redis; objects in a local
+    directory, or in `bucket` over the S3 protocol."""
+    handles, database_url, broker_url = make_infra(data_dir)
+    storage_url = bucket.storage_url if bucket else (data_dir / "objects").as_uri()
+    plat = Platform(data_dir, database_url, broker_url, storage_url, bucket=bucket)
+    try:
+        plat.start_gateway()
+        plat.start_worker()
+        plat.start_worker("train-worker", "classifier-train")
+        plat.start_worker("face-worker", "facerec")
+        yield plat
+    finally:
+        plat.stop_all()
+        handles[1].terminate()
+        handles[0].cleanup()
+
+
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory) -> Iterator[Platform]:
-    """Gateway + classifier, training and face workers on embedded Postgres and Redis, objects in a
-    local directory."""
-    data_dir = tmp_path_factory.mktemp("platform")
-    handles, database_url, broker_url = make_infra(data_dir)
-    plat = Platform(data_dir, database_url, broker_url, (data_dir / "objects").as_uri())
-    plat.start_gateway()
-    plat.start_worker()
-    plat.start_worker("train-worker", "classifier-train")
-    plat.start_worker("face-worker", "facerec")
-    yield plat
-    plat.stop_all()
-    handles[1].terminate()
-    handles[0].cleanup()
+    """The platform with its objects in a local directory."""
+    with running_platform(tmp_path_factory.mktemp("platform")) as plat:
+        yield plat
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server over real HTTP on 127.0.0.1 (no MinIO server is installable here): host:port."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_platform(tmp_path_factory, s3_endpoint) -> Iterator[Platform]:
+    """The same platform with its objects in an S3 bucket on moto's server (`s3_platform.bucket`).
+
+    Module-scoped: it runs beside the session's local platform only while its module runs, so two sets of
+    model-holding workers are never resident for the whole session. The bucket exists before any process
+    starts, so the gateway and the workers never race to create it.
+    """
+    bucket = new_bucket(s3_endpoint)
+    with running_platform(tmp_path_factory.mktemp("s3-platform"), bucket) as plat:
+        yield plat
 
 
 @pytest.fixture
@@ -176,10 +252,25 @@ def coffee_jpeg() -> bytes:
     return image_bytes(data.coffee(), "JPEG", quality=95)
 
 
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def job_answer(answer: httpx.Response, replay: bool = False) -> dict:
+    """The job a job-creating POST answered with, its status code checked (RFC 7240): a job that ended within
+    the request's `Prefer: wait` is answered 201 when this request created it and 200 for an idempotent
+    replay, with `Preference-Applied`; any other answer, queued, running or not waited for, is a 202."""
+    job = answer.json()
+    waited = job["status"] in TERMINAL and "wait=" in answer.request.headers.get("prefer", "")
+    expected = (200 if replay else 201) if waited else 202
+    assert answer.status_code == expected, (answer.status_code, job["status"], answer.text)
+    assert ("preference-applied" in answer.headers) == waited, answer.headers
+    return job
+
+
 def wait_for_job(client: httpx.Client, job_id: str, timeout: float = 60) -> dict:
     def done():
         job = client.get(f"/v1/jobs/{job_id}", headers={"Prefer": "wait=5"}).json()
-        return job if job["status"] in ("succeeded", "failed", "canceled") else None
+        return job if job["status"] in TERMINAL else None
     return wait_until(done, timeout=timeout, what=f"job {job_id} to finish")
 
 

@@ -12,7 +12,12 @@ background with pixel noise and a few distractor strokes. The same counts, seed 
 images.
 
     samples = make_samples({"majority": 400, "minority": 20}, seed=1)
-    write_zip(samples, "dataset.zip", corrupt=2)   # majority/0.png, ..., majority/broken_0.jpg"""
+    write_zip(samples, "dataset.zip", corrupt=2)   # majority/0.png, ..., majority/broken_0.jpg
+
+Real photos, for what synthetic shapes cannot show: `imbalanced_faces` draws a training set and a disjoint
+held-out set from skimage's `lfw_subset` (100 real 25 x 25 face photos, 100 non-face photos), also offline.
+
+    train, held_out = imbalanced_faces(minority="face", train=(80, 3), held_out=(20, 40), seed=0)"""
 
 import io
 import math
@@ -23,6 +28,7 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from skimage import data
 
 # Hue-wheel order: neighbours are similar colours.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -87,7 +93,7 @@ def make_samples(counts: dict[str, int], seed: int = 0, size: int = 96) -> list[
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"counts must be whole numbers of images, got {count!r} for {label!r}")
     rng = np.random.default_rng(seed)
-    samples = []
+    samples: list[tuple[Image.Image, str]] = []
     for index, label in enumerate(sorted(counts)):
         colour, shape = class_style(label, index)
         samples.extend((draw_sample(rng, colour, shape, size), label) for _ in range(counts[label]))
@@ -123,8 +129,8 @@ def random_background(rng: np.random.Generator, size: int) -> Image.Image:
     yy, xx = np.mgrid[0:size, 0:size] / size
     t = np.clip(0.5 + (xx - 0.5) * math.cos(angle) + (yy - 0.5) * math.sin(angle), 0, 1)[..., None]
     pixels = a * (1 - t) + b * t
-    blotches = rng.normal(0, 15, size=(8, 8, 3))
-    blotches = np.asarray(Image.fromarray(np.clip(blotches + 128, 0, 255).astype(np.uint8)).resize(
+    coarse = rng.normal(0, 15, size=(8, 8, 3))
+    blotches = np.asarray(Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8)).resize(
         (size, size), Image.Resampling.BICUBIC), dtype=np.float32) - 128
     image = Image.fromarray(np.clip(pixels + blotches, 0, 255).astype(np.uint8))
     return image.filter(ImageFilter.GaussianBlur(radius=1))
@@ -171,3 +177,34 @@ def write_zip(samples: list[tuple[Image.Image, str]], path_or_buffer: str | Path
             # A JPEG start-of-image marker followed by garbage: looks like a photo, never decodes.
             garbage = b"\xff\xd8\xff\xe0" + np.random.default_rng(n).bytes(200)
             archive.writestr(f"{labels[n % len(labels)]}/broken_{n}.jpg", garbage)
+
+
+FACE_CLASSES = ("face", "other")
+
+
+def lfw_photos() -> dict[str, list[Image.Image]]:
+    """skimage's lfw_subset as RGB photos: {"face": 100 faces, "other": 100 non-faces}, 25 x 25 pixels
+    (the classifier's preprocessing upscales them, as it does any small photo)."""
+    pixels = (data.lfw_subset() * 255).round().astype(np.uint8)
+    photos = [Image.fromarray(p).convert("RGB") for p in pixels]
+    return {"face": photos[:100], "other": photos[100:]}
+
+
+def imbalanced_faces(minority: str, train: tuple[int, int], held_out: tuple[int, int], seed: int = 0
+                     ) -> tuple[list[tuple[Image.Image, str]], list[tuple[Image.Image, str]]]:
+    """(training, held-out) samples of lfw_photos, disjoint: `train` = (majority, minority) photo counts,
+    `held_out` likewise; which photos go where is drawn from `seed`."""
+    if minority not in FACE_CLASSES:
+        raise ValueError(f"minority must be one of {FACE_CLASSES}, got {minority!r}")
+    majority = next(label for label in FACE_CLASSES if label != minority)
+    photos = lfw_photos()
+    rng = np.random.default_rng(seed)
+    training: list[tuple[Image.Image, str]] = []
+    evaluation: list[tuple[Image.Image, str]] = []
+    for label, n_train, n_held_out in ((majority, train[0], held_out[0]), (minority, train[1], held_out[1])):
+        if n_train + n_held_out > len(photos[label]):
+            raise ValueError(f"{label!r} has {len(photos[label])} photos, {n_train} + {n_held_out} asked for")
+        order = rng.permutation(len(photos[label]))
+        training.extend((photos[label][i], label) for i in order[:n_train])
+        evaluation.extend((photos[label][i], label) for i in order[n_train:n_train + n_held_out])
+    return training, evaluation

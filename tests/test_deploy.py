@@ -40,8 +40,9 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from pydantic import ValidationError
 
-from percept.config import get_settings
+from percept.config import Settings, get_settings
 from percept.devices import check_device_setting
 from percept.services import Service, WorkerPool, catalog
 
@@ -442,6 +443,52 @@ def test_workloads_read_config_and_secrets_that_exist():
 
 def test_secret_values_are_marked_placeholders():
     assert all("CHANGE-ME" in value for value in secret_data().values())
+
+
+def settings_of(environment: dict[str, str], monkeypatch) -> Settings:
+    """Settings as a process started with exactly this environment reads them."""
+    for name in list(os.environ):
+        if name.startswith("PERCEPT_"):
+            monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, str(value))
+    return Settings()
+
+
+def test_k8s_runs_in_production_so_the_shipped_placeholders_stop_every_start(monkeypatch):
+    """A deploy that forgot to create the real Secret fails loudly: each process refuses to start (the
+    pods crash-loop, the migration Job fails) with the variables to set in its log."""
+    assert config_map_data()["PERCEPT_ENVIRONMENT"] == "production"
+    with pytest.raises(ValidationError) as refused:
+        settings_of(config_map_data() | secret_data(), monkeypatch)
+    for variable in ("PERCEPT_DATABASE_URL", "PERCEPT_BROKER_URL", "PERCEPT_STORAGE_URL"):
+        assert f"set {variable}" in str(refused.value), variable
+
+    real = {name: value.replace("CHANGE-ME-ACCESS-KEY", "AKIAEXAMPLE7Q2").replace("CHANGE-ME", "q8Rt2vLx9Wm4Zp7s")
+            for name, value in secret_data().items()}
+    assert settings_of(config_map_data() | real, monkeypatch).environment == "production"
+
+
+def compose_environment(service: str, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """A compose service's environment as `docker compose up` would interpolate it."""
+    result = run_compose_config(COMPOSE_FILE, extra_env=extra_env, arguments=["--format", "json"])
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["services"][service]["environment"]
+
+
+def test_compose_is_a_development_stack_until_its_env_says_production(monkeypatch):
+    """Compose is for trying Percept on one machine: out of the box it starts on its placeholders. A stack
+    whose .env says PERCEPT_ENVIRONMENT=production refuses them until the real secrets are set there."""
+    for service in ("gateway", "migrate", *compose_worker_services(compose()["services"])):
+        assert settings_of(compose_environment(service), monkeypatch).environment == "development", service
+
+    with pytest.raises(ValidationError) as refused:
+        settings_of(compose_environment("gateway", {"PERCEPT_ENVIRONMENT": "production"}), monkeypatch)
+    assert "set PERCEPT_DATABASE_URL" in str(refused.value) and "set PERCEPT_STORAGE_URL" in str(refused.value)
+
+    dotenv = {"PERCEPT_ENVIRONMENT": "production", "POSTGRES_PASSWORD": "q8Rt2vLx9Wm4Zp7s",
+              "MINIO_ROOT_USER": "percept-admin", "MINIO_ROOT_PASSWORD": "Xb9f2LwQ8mZr4Tk7Yv3N"}
+    assert settings_of(compose_environment("gateway", dotenv), monkeypatch).environment == "production"
 
 
 def test_workloads_run_as_non_root_with_resources():

@@ -11,13 +11,15 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from percept.datasets import DatasetLimits
@@ -42,7 +44,9 @@ HOST = socket.gethostname()
 PROGRESS_EVERY_SECONDS = 1.0
 
 # A job kind's finalizer: (infra, session, tenant_id, job_id, params, inputs, output) -> the output to
-# write. It runs in the transaction that writes the result (see percept.services.JobKind).
+# write. It runs in the transaction that writes the result (see percept.services.JobKind), in a savepoint
+# of the job's own: if it raises, its side effects are undone and only its job fails, with the code of a
+# PerceptError or of a ValueError "[code] message", else `internal_error`.
 Finalizer = Callable[[Infra, Session, str, str, dict[str, Any], list[dict[str, Any]], dict[str, Any]], dict[str, Any]]
 
 
@@ -86,29 +90,63 @@ class ClaimedJob:
 
 
 class Heartbeat:
-    """Beats for the running jobs every lease/3 so the sweeper knows this worker is alive."""
+    """Beats for the running jobs every lease/3 so the sweeper knows this worker is alive, and holds the
+    predict() call in progress to the inference deadline: past it, the jobs are given up (JobRuntime._give_up)
+    and the beating stops. The call itself cannot be stopped (a solo pool runs it on the worker's only
+    thread, maybe in C code); whatever it returns then is dropped (`gave_up`)."""
 
-    def __init__(self, runtime: "JobRuntime", job_ids: list[str]) -> None:
-        self.runtime, self.job_ids = runtime, job_ids
+    def __init__(self, runtime: "JobRuntime", jobs: list[ClaimedJob]) -> None:
+        self.runtime, self.jobs = runtime, jobs
+        self.gave_up = False
+        self._predicting: tuple[float, list[ClaimedJob]] | None = None  # (started, its jobs)
+        self._lock = threading.Lock()  # the give-up and the end of a call or of the run: one or the other first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
+    @contextmanager
+    def predicting(self, jobs: list[ClaimedJob]) -> Iterator[None]:
+        """Around one predict() call: the inference deadline counts from here."""
+        with self._lock:
+            self._predicting = (time.monotonic(), jobs)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._predicting = None
+
     def _beat(self) -> None:
-        interval = self.runtime.infra.settings.job_lease.total_seconds() / 3
-        while not self._stop.wait(interval):
+        settings = self.runtime.infra.settings
+        interval, deadline = settings.job_lease.total_seconds() / 3, settings.inference_deadline.total_seconds()
+        while True:
+            call = self._predicting
+            wait = interval if call is None else min(interval, call[0] + deadline - time.monotonic())
+            if self._stop.wait(max(wait, 0.0)):
+                return
+            call = self._predicting
+            if call is not None and time.monotonic() - call[0] >= deadline:
+                self._give_up(call, deadline)
+                return
             try:
                 with session_scope(self.runtime.infra.database_url) as session:
-                    job_repo.heartbeat(session, self.job_ids, self.runtime.worker_name)
+                    job_repo.heartbeat(session, [job.id for job in self.jobs], self.runtime.worker_name)
                     session.commit()
             except PerceptError:
                 log.warning("heartbeat failed; will retry")
+
+    def _give_up(self, call: tuple[float, list[ClaimedJob]], deadline: float) -> None:
+        with self._lock:
+            if self._stop.is_set() or self._predicting is not call:
+                return  # the call ended just in time: the run writes its results
+            self.gave_up = True
+        self.runtime._give_up(self.jobs, overdue=call[1], deadline=deadline)
 
     def __enter__(self) -> "Heartbeat":
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
+        with self._lock:
+            self._stop.set()
 
 
 class JobRuntime:
@@ -161,19 +199,27 @@ class JobRuntime:
         jobs = self._claim(job_ids)
         if not jobs:
             return
-        with Heartbeat(self, [job.id for job in jobs]):
+        with Heartbeat(self, jobs) as heartbeat:
             try:
                 for job in jobs:
                     if is_training(job.kind):
                         self._train(job)
                 for group in self._group_by_model([job for job in jobs if not is_training(job.kind)]):
+                    if heartbeat.gave_up:
+                        break
                     loaded = self._load_model(group[0].model_row)
                     self._load_inputs(group, getattr(loaded.predictor, "input_size", None))
-                    self._predict([job for job in group if job.error is None], loaded)
+                    self._predict([job for job in group if job.error is None], loaded, heartbeat)
             except DependencyUnavailable as exc:
-                self._retry_later(jobs, exc)
+                self._retry_later(jobs, exc.message)
                 return
-        self._write_results(jobs)
+        if heartbeat.gave_up:
+            log.warning("dropped the results of %d jobs given up at the inference deadline", len(jobs))
+            return
+        try:
+            self._write_results(jobs)
+        except DependencyUnavailable as exc:  # nothing was written: the transaction was rolled back whole
+            self._retry_later(jobs, exc.message)
 
     @staticmethod
     def _group_by_model(jobs: list[ClaimedJob]) -> list[list[ClaimedJob]]:
@@ -267,7 +313,7 @@ class JobRuntime:
         return loaded
 
     # 3. Predict
-    def _predict(self, jobs: list[ClaimedJob], loaded: LoadedModel) -> None:
+    def _predict(self, jobs: list[ClaimedJob], loaded: LoadedModel, heartbeat: Heartbeat) -> None:
         if not jobs:
             return
         row = jobs[0].model_row
@@ -279,15 +325,17 @@ class JobRuntime:
         outputs: list[dict[str, Any] | None]
         errors: list[dict[str, Any] | None]
         try:
-            outputs = list(loaded.predictor.predict([job.request for job in jobs if job.request is not None],
-                                                    on_step=self._step_reporter(jobs)))
+            with heartbeat.predicting(jobs):
+                outputs = list(loaded.predictor.predict([job.request for job in jobs if job.request is not None],
+                                                        on_step=self._step_reporter(jobs)))
             errors = [None] * len(jobs)
         except JobCanceled:
             outputs, errors = [None] * len(jobs), [{"code": "canceled", "message": "Canceled."}] * len(jobs)
         except ValueError as exc:
             if len(jobs) > 1:  # one bad request must not fail its batch neighbours: run them one by one
                 for job in jobs:
-                    self._predict([job], loaded)
+                    if not heartbeat.gave_up:
+                        self._predict([job], loaded, heartbeat)
                 return
             outputs, errors = [None], [input_error(exc)]
         except Exception:  # a bug or a broken model: fail these jobs, keep the worker serving
@@ -326,46 +374,107 @@ class JobRuntime:
         written = []
         with session_scope(self.infra.database_url) as session:
             for job in jobs:
-                canceled = job.error is not None and job.error.get("code") == "canceled"
-                status = (JobStatus.CANCELED if canceled else
-                          JobStatus.FAILED if job.error is not None else JobStatus.SUCCEEDED)
-                finalize = finalizer_of(job.kind)
-                if status is JobStatus.SUCCEEDED and finalize is not None and job.output is not None:
-                    job.output = finalize(self.infra, session, job.tenant_id, job.id, job.params, job.inputs,
-                                          job.output)
-                if status is JobStatus.SUCCEEDED and job.register is not None:
-                    model = registry.register_version(session, job.tenant_id, job.register)
-                    job.output = {"model": {"name": model.name, "version": model.version}, **(job.output or {})}
-                    job.model_info = ModelInfo(model.name, model.version, model.weights_sha256,
-                                               device=job.device or "cpu")
-                written_status = job_repo.finish(session, job.id, job.attempt, status, output=job.output,
-                                                 error=job.error, provenance=self._provenance(job),
-                                                 search_text=search_text_of(job.kind, job.output))
-                if written_status:
-                    written.append((job.id, written_status.value))
-                else:
-                    log.warning("job %s attempt %d lost its claim; result dropped", job.id, job.attempt)
-                    if job.register is not None:
-                        session.rollback()  # no model version from an attempt that no longer owns its job
-                        return
+                status = self._write_result(session, job)
+                if status is not None:
+                    written.append((job.id, status.value))
             session.commit()
         for job_id, status_name in written:
             publish_job_event(self.infra.broker_url, job_id, status_name)
 
-    def _retry_later(self, jobs: list[ClaimedJob], exc: PerceptError) -> None:
+    def _write_result(self, session: Session, job: ClaimedJob) -> JobStatus | None:
+        """One job's result with its side effects (its finalizer's, a model to register), in a savepoint of
+        its own: if they fail, only they are undone and only this job fails; an attempt that lost its claim
+        leaves nothing behind. Returns the status written, None for a lost claim."""
+        try:
+            with session.begin_nested():
+                status = self._finish(session, job)
+                if status is None:
+                    raise _ClaimLost()
+            return status
+        except _ClaimLost:
+            log.warning("job %s attempt %d lost its claim; result dropped", job.id, job.attempt)
+            return None
+        except (DependencyUnavailable, OperationalError):
+            raise  # an outage, not this job's fault: the whole write is tried again (see run)
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise
+            job.error = self._finalize_error(job, exc)
+        except ValueError as exc:
+            job.error = input_error(exc)
+        except PerceptError as exc:
+            job.error = exc.to_dict()
+        except Exception as exc:
+            job.error = self._finalize_error(job, exc)
+        job.output, job.register = None, None
+        return self._finish(session, job)
+
+    @staticmethod
+    def _finalize_error(job: ClaimedJob, exc: Exception) -> dict[str, Any]:
+        log.error("writing the result of job %s (%s) failed", job.id, job.kind, exc_info=exc)
+        return {"code": "internal_error", "message": "Storing this job's result failed unexpectedly; we have the log."}
+
+    def _finish(self, session: Session, job: ClaimedJob) -> JobStatus | None:
+        """Run a succeeded job's finalizer and register its model, then write the job's row."""
+        canceled = job.error is not None and job.error.get("code") == "canceled"
+        status = (JobStatus.CANCELED if canceled else
+                  JobStatus.FAILED if job.error is not None else JobStatus.SUCCEEDED)
+        finalize = finalizer_of(job.kind)
+        if status is JobStatus.SUCCEEDED and finalize is not None and job.output is not None:
+            job.output = finalize(self.infra, session, job.tenant_id, job.id, job.params, job.inputs, job.output)
+        if status is JobStatus.SUCCEEDED and job.register is not None:
+            model = registry.register_version(session, job.tenant_id, job.register)
+            job.output = {"model": {"name": model.name, "version": model.version}, **(job.output or {})}
+            job.model_info = ModelInfo(model.name, model.version, model.weights_sha256, device=job.device or "cpu")
+        return job_repo.finish(session, job.id, job.attempt, status, output=job.output, error=job.error,
+                               provenance=self._provenance(job), search_text=search_text_of(job.kind, job.output))
+
+    def _retry_later(self, jobs: list[ClaimedJob], reason: str) -> None:
         """A dependency went away mid-job: release the jobs and send them again with backoff."""
-        log.warning("retrying %d jobs later: %s", len(jobs), exc.message)
+        log.warning("retrying %d jobs later: %s", len(jobs), reason)
         try:
             with session_scope(self.infra.database_url) as session:
-                released = [job for job in jobs if job_repo.release(session, job.id, job.attempt)]
+                released = [(job, job_repo.release(session, job.id, job.attempt)) for job in jobs]
                 session.commit()
         except DependencyUnavailable:
             return  # the database itself is gone: the sweeper takes the jobs back by their heartbeat
-        for job in released:
-            try:
-                send_job(self.infra.broker_url, job.kind, job.id, countdown=min(2 ** job.attempt, 60))
-            except DependencyUnavailable:
-                pass  # still queued in the database: the sweeper sends it
+        for job, status in released:
+            if status is JobStatus.CANCELED:
+                publish_job_event(self.infra.broker_url, job.id, status.value)
+            elif status is JobStatus.QUEUED:
+                try:
+                    send_job(self.infra.broker_url, job.kind, job.id, countdown=min(2 ** job.attempt, 60))
+                except DependencyUnavailable:
+                    pass  # still queued in the database: the sweeper sends it
+
+    def _give_up(self, jobs: list[ClaimedJob], overdue: list[ClaimedJob], deadline: float) -> None:
+        """A predict() call ran past the inference deadline (called from the Heartbeat's thread while the
+        call goes on): its jobs fail `inference_timeout` on their last attempt; every other job of the run
+        is released for another attempt, on another worker (or on this one, if the call ever returns)."""
+        max_attempts = self.infra.settings.max_attempts
+        log.error("predict() of %d %s jobs has run past the %g s inference deadline; giving the run's %d jobs up "
+                  "(no more heartbeats for them, and the call's results will be dropped)",
+                  len(overdue), overdue[0].kind, deadline, len(jobs))
+        last = [job for job in overdue if job.attempt >= max_attempts]
+        ended = []
+        try:
+            with session_scope(self.infra.database_url) as session:
+                for job in last:
+                    error = {"code": "inference_timeout",
+                             "message": f"The model was still running this job {deadline:g} s after it started, "
+                                        f"past the inference deadline, on the last of its {job.attempt} attempts; "
+                                        "it may hang on this input.",
+                             "details": {"deadline_seconds": deadline, "attempts": job.attempt}}
+                    if job_repo.finish(session, job.id, job.attempt, JobStatus.FAILED, error=error,
+                                       provenance=self._provenance(job)):
+                        ended.append(job)
+                session.commit()
+        except DependencyUnavailable:
+            return  # with no heartbeat, the sweeper takes them back once the database answers
+        for job in ended:
+            publish_job_event(self.infra.broker_url, job.id, JobStatus.FAILED.value)
+        if rest := [job for job in jobs if job not in last]:
+            self._retry_later(rest, f"inference ran past the {deadline:g} s deadline")
 
     def _provenance(self, job: ClaimedJob) -> dict[str, Any]:
         finished = datetime.now(UTC)
@@ -388,6 +497,10 @@ class JobRuntime:
             "batch_size": job.timings.get("batch_size", 1),
             "timings_ms": timings,
         }
+
+
+class _ClaimLost(Exception):
+    """Another attempt owns the job now: this attempt's write and side effects are undone."""
 
 
 def input_error(exc: ValueError) -> dict[str, str]:

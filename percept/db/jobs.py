@@ -27,8 +27,8 @@ def child_ids(session: Session, job_id: str) -> list[str]:
 
 
 def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key,
-                                            Job.created_at > func.now() - timedelta(hours=24)))
+    """The tenant's job of this key, however old: a key stays bound to its job (the unique index says so)."""
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
 
 
 def add_job(session: Session, job: Job) -> bool:
@@ -42,6 +42,13 @@ def add_job(session: Session, job: Job) -> bool:
             raise
         return False
     return True
+
+
+def lock_submissions(session: Session, tenant_id: str) -> None:
+    """Serialise the tenant's job submissions until this transaction ends: a submit that counts the pending
+    jobs and then inserts one must not race another (both would see room under the quota). Other tenants
+    are not held up."""
+    session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"jobs/{tenant_id}"))))
 
 
 def count_pending(session: Session, tenant_id: str) -> int:
@@ -66,20 +73,6 @@ def list_jobs(session: Session, tenant_id: str, *, kind: str | None = None, stat
     if before_id:
         query = query.where(Job.id < before_id)
     return list(session.scalars(query.order_by(Job.id.desc()).limit(limit)))
-
-
-def count_by_kind_and_status(session: Session) -> list[tuple[str, str, int]]:
-    """(kind, status, jobs) over every tenant, for the metrics."""
-    rows = session.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status))
-    return [(kind, status.value, count) for kind, status, count in rows]
-
-
-def inference_time_by_model(session: Session) -> list[tuple[str | None, int, float]]:
-    """(model name, finished jobs, total inference seconds) over every tenant, for the metrics."""
-    ms = Job.provenance["timings_ms"]["inference"].astext.cast(Float)
-    model = Job.provenance["model"]["name"].astext
-    rows = session.execute(select(model, func.count(), func.sum(ms)).where(ms.is_not(None)).group_by(model))
-    return [(name, count, (total or 0.0) / 1000) for name, count, total in rows]
 
 
 def claim(session: Session, job_ids: list[str], worker: str) -> list[Job]:
@@ -132,12 +125,19 @@ def finish(session: Session, job_id: str, attempt: int, status: JobStatus, *,
     return status if rowcount(result) == 1 else None
 
 
-def release(session: Session, job_id: str, attempt: int) -> bool:
-    """running -> queued, for a retryable failure: the job will be sent again."""
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
-        .values(status=JobStatus.QUEUED, queued_at=func.now(), worker=None))
-    return rowcount(result) == 1
+def release(session: Session, job_id: str, attempt: int) -> JobStatus | None:
+    """running -> queued, for a retryable failure: the job will be sent again. A job whose cancel was
+    requested meanwhile ends canceled instead (a queued job with a cancel requested is never claimed).
+    Returns the status written; None: another attempt owns the job now."""
+    holds = (Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
+    requeued = session.execute(update(Job).where(*holds, Job.cancel_requested.is_(False))
+                               .values(status=JobStatus.QUEUED, queued_at=func.now(), worker=None))
+    if rowcount(requeued) == 1:
+        return JobStatus.QUEUED
+    canceled = session.execute(update(Job).where(*holds).values(
+        status=JobStatus.CANCELED, finished_at=func.now(),
+        error={"code": "canceled", "message": "The job was canceled while it ran."}))
+    return JobStatus.CANCELED if rowcount(canceled) == 1 else None
 
 
 def cancel(session: Session, job: Job) -> Job:
@@ -191,3 +191,56 @@ def take_expired_running(session: Session, heartbeat_before: datetime, max_attem
             job.status, job.queued_at, job.worker = JobStatus.QUEUED, func.now(), None
             requeued.append(job)
     return requeued, ended
+
+
+# The metrics' running totals (services/gateway/metrics.py) read jobs by ranges of the primary key (ids
+# sort by creation time), never the whole table. A total is ((kind, status, model name), (jobs, jobs with
+# an inference time, inference seconds)).
+METRICS_ID_BATCH = 5000  # ids per `IN (...)`: well under the protocol's 65535 parameters
+
+
+def newest_job_created_before(session: Session, age: timedelta) -> str | None:
+    """The newest job id among the jobs created more than `age` ago (read backwards from the newest job)."""
+    return session.scalar(select(Job.id).where(Job.created_at < func.now() - age).order_by(Job.id.desc()).limit(1))
+
+
+def _inference_ms_and_model() -> tuple[Any, Any]:
+    return (Job.provenance["timings_ms"]["inference"].astext.cast(Float), Job.provenance["model"]["name"].astext)
+
+
+def job_totals(session: Session, *, after: str | None, upto: str | None = None,
+               ended_only: bool = False) -> list[tuple[tuple[str, str, str | None], tuple[int, int, float]]]:
+    """Totals of the jobs whose id is in (after, upto] (open where None); only ended ones if asked."""
+    ms, model = _inference_ms_and_model()
+    query = select(Job.kind, Job.status, model, func.count(), func.count(ms), func.sum(ms))
+    if after is not None:
+        query = query.where(Job.id > after)
+    if upto is not None:
+        query = query.where(Job.id <= upto)
+    if ended_only:
+        query = query.where(Job.status.not_in(PENDING))
+    rows = session.execute(query.group_by(Job.kind, Job.status, model))
+    return [((kind, status.value, name), (jobs, timed, (total or 0.0) / 1000))
+            for kind, status, name, jobs, timed, total in rows]
+
+
+def pending_job_ids(session: Session, *, after: str | None, upto: str) -> list[str]:
+    """Jobs still queued or running whose id is in (after, upto]."""
+    query = select(Job.id).where(Job.status.in_(PENDING), Job.id <= upto)
+    if after is not None:
+        query = query.where(Job.id > after)
+    return list(session.scalars(query))
+
+
+def job_totals_by_id(session: Session, ids: list[str]
+                     ) -> list[tuple[str, bool, tuple[str, str, str | None], tuple[int, int, float]]]:
+    """(id, ended, labels, values) of each of these jobs that still exists."""
+    ms, model = _inference_ms_and_model()
+    found: list[tuple[str, bool, tuple[str, str, str | None], tuple[int, int, float]]] = []
+    for start in range(0, len(ids), METRICS_ID_BATCH):
+        rows = session.execute(select(Job.id, Job.kind, Job.status, model, ms)
+                               .where(Job.id.in_(ids[start:start + METRICS_ID_BATCH])))
+        found.extend((job_id, status.is_terminal(), (kind, status.value, name),
+                      (1, int(seconds is not None), (seconds or 0.0) / 1000))
+                     for job_id, kind, status, name, seconds in rows)
+    return found

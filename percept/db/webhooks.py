@@ -37,10 +37,46 @@ def deliveries_of(session: Session, webhook_id: str, limit: int) -> list[Webhook
                                 .order_by(WebhookDelivery.id.desc()).limit(limit)))
 
 
-def count_deliveries_by_status(session: Session) -> list[tuple[str, int]]:
-    """(status, deliveries) over every tenant, for the metrics."""
-    rows = session.execute(select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status))
-    return [(status, count) for status, count in rows]
+# The metrics' running totals (services/gateway/metrics.py) read deliveries by ranges of the primary key
+# (a sequence: ids grow with creation time), never the whole table. A total is ((status,), (deliveries,)).
+METRICS_ID_BATCH = 5000  # ids per `IN (...)`: well under the protocol's 65535 parameters
+
+
+def newest_delivery_created_before(session: Session, age: timedelta) -> int | None:
+    """The newest delivery id among those created more than `age` ago (read backwards from the newest)."""
+    return session.scalar(select(WebhookDelivery.id).where(WebhookDelivery.created_at < func.now() - age)
+                          .order_by(WebhookDelivery.id.desc()).limit(1))
+
+
+def delivery_totals(session: Session, *, after: int | None, upto: int | None = None,
+                    ended_only: bool = False) -> list[tuple[tuple[str], tuple[int]]]:
+    """Deliveries by status whose id is in (after, upto] (open where None); only ended ones if asked."""
+    query = select(WebhookDelivery.status, func.count())
+    if after is not None:
+        query = query.where(WebhookDelivery.id > after)
+    if upto is not None:
+        query = query.where(WebhookDelivery.id <= upto)
+    if ended_only:
+        query = query.where(WebhookDelivery.status != "pending")
+    return [((status,), (count,)) for status, count in session.execute(query.group_by(WebhookDelivery.status))]
+
+
+def pending_delivery_ids(session: Session, *, after: int | None, upto: int) -> list[int]:
+    """Deliveries still pending whose id is in (after, upto]."""
+    query = select(WebhookDelivery.id).where(WebhookDelivery.status == "pending", WebhookDelivery.id <= upto)
+    if after is not None:
+        query = query.where(WebhookDelivery.id > after)
+    return list(session.scalars(query))
+
+
+def delivery_totals_by_id(session: Session, ids: list[int]) -> list[tuple[int, bool, tuple[str], tuple[int]]]:
+    """(id, ended, labels, values) of each of these deliveries that still exists."""
+    found: list[tuple[int, bool, tuple[str], tuple[int]]] = []
+    for start in range(0, len(ids), METRICS_ID_BATCH):
+        rows = session.execute(select(WebhookDelivery.id, WebhookDelivery.status)
+                               .where(WebhookDelivery.id.in_(ids[start:start + METRICS_ID_BATCH])))
+        found.extend((delivery_id, status != "pending", (status,), (1,)) for delivery_id, status in rows)
+    return found
 
 
 @dataclass(frozen=True)

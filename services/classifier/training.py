@@ -16,8 +16,20 @@ and the same seed gives the same model up to the device's float arithmetic).
 Validation split: stratified per class, `val_fraction` of each class's photos (at least one) held out,
 and every class keeps at least one training photo. A class with fewer than 2 photos cannot spare one:
 it gets no validation photos, has no recall or F1 (reported as None) and is listed in
-`metrics["tiny_classes"]`. Metrics, early stopping and the threshold use only the validation photos,
-never augmented and never seen in training.
+`metrics["tiny_classes"]`. Metrics and early stopping use only the validation photos, never augmented and
+never seen in training.
+
+The unknown threshold is calibrated on out-of-fold predictions over every photo, not on the validation
+split: a split of a small dataset holds a handful of photos (one of a 3-photo class), and a threshold
+fitted to so few scores is as strict as the least confident of them, refusing much of what the model gets
+right. Instead the photos are dealt into k stratified folds (k = round(1 / val_fraction), 2 to
+MAX_CALIBRATION_FOLDS, so each fold's model trains on about as many photos as the served one), a model is
+trained on all but each fold with the served model's recipe and epoch count (cheap: the backbone
+activations are cached), and each photo is scored by the model that did not see it. The threshold is
+then the least strict one at which those predictions reach `target_precision` (see
+`calibrate_threshold`): 0 - nothing refused - when every prediction may be accepted. `metrics` reports it
+with the precision and coverage it had on those predictions, overall and per class
+(`coverage_per_class`, the share of each class's photos at or above the threshold).
 
 Deterministic: the same photos, config and seed give the same artifact and metrics (augmentations are
 drawn from the seed and each photo's content, and no global random state is used).
@@ -67,6 +79,10 @@ MIN_LOSS_IMPROVEMENT = 1e-4  # a smaller drop in validation loss does not reset 
 # enough optimizer steps (8 epochs of 33 photos: 16 steps, mean top score 0.81 -> 64 steps, 0.93).
 MIN_BATCHES_PER_EPOCH = 8
 FEATURE_BATCH = 32  # images per backbone forward pass
+# Each calibration fold trains a model: more folds, more out-of-fold photos per model trained, and more
+# training (k times the served model's, which matters only with fine_tune: heads take milliseconds).
+MAX_CALIBRATION_FOLDS = 5
+THRESHOLD_METHOD = "out-of-fold"
 # Process-wide cache of backbone activations: retraining the same photos with other settings (balance,
 # epochs, threshold target) skips the backbone. Pooled features are 5 KB per image or variant.
 DEFAULT_FEATURE_CACHE_BYTES = 256 * 2**20
@@ -87,7 +103,7 @@ class TrainingConfig:
     augment_copies: int = 5  # "six photos from one": the original and five variants
     epochs: int = 30  # at most; early stopping usually ends sooner
     val_fraction: float = 0.2  # of each class's photos, held out for metrics, early stopping and threshold
-    target_precision: float = 0.9  # the unknown threshold is the lowest that reaches this on validation
+    target_precision: float = 0.9  # the unknown threshold is the least strict reaching this out of fold
     seed: int = 0
     fine_tune: bool = False  # also train the backbone's last MBConv block and head convolution (slower)
     batch_size: int = 32
@@ -147,6 +163,29 @@ def stratified_split(labels: list[str], classes: list[str], val_fraction: float,
     split.train.sort()
     split.val.sort()
     return split
+
+
+def calibration_folds(val_fraction: float) -> int:
+    """k for out-of-fold calibration: each fold's model trains on (k - 1) / k of the photos, about the
+    1 - val_fraction the served model trains on."""
+    return min(MAX_CALIBRATION_FOLDS, max(2, round(1 / val_fraction)))
+
+
+def stratified_folds(labels: list[str], classes: list[str], k: int, seed: int) -> list[list[int]]:
+    """Each class's photos, shuffled, dealt round the k folds (classes continue where the last one stopped,
+    so the folds differ in size by at most one photo). A class with fewer than 2 photos is in no fold: it
+    could not be predicted without its only photo, so it trains in every fold and is never scored."""
+    rng = np.random.default_rng([seed, 3])
+    folds: list[list[int]] = [[] for _ in range(k)]
+    dealt = 0
+    for label in classes:
+        members = [i for i, x in enumerate(labels) if x == label]
+        if len(members) < 2:
+            continue
+        for i in rng.permutation(len(members)):
+            folds[dealt % k].append(members[i])
+            dealt += 1
+    return [sorted(fold) for fold in folds if fold]
 
 
 def image_digest(image: Image.Image) -> str:
@@ -350,11 +389,15 @@ def classification_metrics(targets: np.ndarray, predicted: np.ndarray, labels: l
 
 
 def calibrate_threshold(scores: np.ndarray, correct: np.ndarray, target_precision: float) -> dict[str, Any]:
-    """The lowest top-1 score t such that the predictions with score >= t are right at least
-    `target_precision` of the time on validation; candidates are the validation scores themselves, so
-    even a perfect validation run flags images less confident than any it saw.
+    """The least strict threshold t on the top-1 score such that the predictions with score >= t are
+    right at least `target_precision` of the time.
 
-    When no t reaches the target, the t with the best precision (the lowest such) is used and
+    A threshold is only as strict as the evidence requires: when accepting every prediction reaches the
+    target, t is 0 (nothing is refused, however confident the least confident prediction was). Otherwise
+    every t above the most confident refused score and up to the least confident accepted one accepts the
+    same predictions, and t is the midpoint of the two, as far from either score as the evidence allows.
+
+    When no t reaches the target, the cut with the best precision (the most accepting such) is used and
     "threshold_reached" is False.
     """
     order = np.argsort(-scores, kind="stable")
@@ -371,22 +414,32 @@ def calibrate_threshold(scores: np.ndarray, correct: np.ndarray, target_precisio
     else:
         best = precision[candidates].max()
         cut = candidates[precision[candidates] >= best - 1e-12][-1]
+    threshold = 0.0 if cut == len(scores) - 1 else (sorted_scores[cut] + sorted_scores[cut + 1]) / 2
     return {
-        "threshold": float(sorted_scores[cut]),
+        "threshold": float(threshold),
         "threshold_reached": bool(reached),
         "precision_at_threshold": float(precision[cut]),
         "coverage": float(accepted[cut] / len(scores)),
     }
 
 
+def coverage_by_class(scores: np.ndarray, targets: np.ndarray, threshold: float, labels: list[str]
+                      ) -> dict[str, float | None]:
+    """The share of each class's photos whose top-1 score is at or above the threshold (None: no photos)."""
+    return {label: float(np.mean(scores[targets == c] >= threshold)) if np.any(targets == c) else None
+            for c, label in enumerate(labels)}
+
+
 def train_classifier(samples: list[tuple[Image.Image, str]], config: TrainingConfig,
                      on_epoch: Callable[[int, int, dict], None] | None = None, *,
                      on_features: Callable[[int, int], None] | None = None,
+                     on_calibration: Callable[[int, int], None] | None = None,
                      extractor: FeatureExtractor | None = None) -> TrainingResult:
     """Train a classifier on (photo, class name) pairs; see the module docstring.
 
     on_epoch(epoch, total_epochs, {"loss", "accuracy", "val_loss", "val_accuracy"}) is called after every
-    epoch, on_features(done, total) after every batch of backbone passes; an exception raised by either
+    epoch of the served model, on_features(done, total) after every batch of backbone passes and
+    on_calibration(done, total) after every calibration fold's model; an exception raised by any of them
     (e.g. JobCanceled) propagates and ends training. `extractor` defaults to the process-wide one.
     """
     # 1. Check inputs
@@ -404,88 +457,67 @@ def train_classifier(samples: list[tuple[Image.Image, str]], config: TrainingCon
     backbone = extractor.backbone
     device = backbone.device.name
     index_of = {label: c for c, label in enumerate(classes)}
+    targets_of = np.array([index_of[label] for label in labels])
 
-    # 2. Backbone activations, once per photo and augmented variant (training photos only)
+    # 2. Backbone activations, once per photo and augmented variant. The served model trains on the
+    # training photos' variants and validates on the validation photos; the calibration folds train on
+    # every photo's variants (a validation photo is a training photo in other folds), so those come last.
     stop = FINE_TUNE_FROM_LAYER if config.fine_tune else BACKBONE_LAYERS
     variants = list(range(1 + config.augment_copies)) if config.augment else [0]
     train_items = [(i, v) for i in split.train for v in variants]
-    items = train_items + [(i, 0) for i in split.val]
+    items = train_items + [(i, 0) for i in split.val] + [(i, v) for i in split.val for v in variants[1:]]
     activations = extractor.activations([samples[i][0] for i, _ in items], [v for _, v in items],
-                                        seed=config.seed, stop=stop, on_batch=on_features)
-    activations = activations.to(device)
-    x_train, x_val = activations[:len(train_items)], activations[len(train_items):]
-    train_targets = np.array([index_of[labels[i]] for i, _ in train_items])
-    y_train = torch.from_numpy(train_targets).to(device)
-    y_val = torch.tensor([index_of[labels[i]] for i in split.val], device=device)
+                                        seed=config.seed, stop=stop, on_batch=on_features).to(device)
+    row_of = {item: row for row, item in enumerate(items)}
 
-    # 3. The model: shared frozen layers, copies of the tuned ones, a linear head on the pooled features.
-    # (Standardising the features per dimension was tried: it generalises worse from a few photos per class.)
-    model = CustomModel(classes, backbone, stop, nn.Linear(FEATURE_DIM, len(classes), device=device), 0.0,
-                        config.target_precision)
-    with torch.no_grad():
-        model.head.weight.zero_()  # the softmax regression is convex: a fixed start, no random init
-        # Start from the class frequencies training will see (uniform when balancing), so the first
-        # epochs learn what tells the classes apart rather than how common each is.
-        model.head.bias.copy_(initial_bias(train_targets, len(classes), config.balance))
-    model.requires_grad_(True)
-    parameters = [{"params": model.head.parameters(), "lr": config.learning_rate}]
-    if config.fine_tune:
-        parameters.append({"params": model.tuned.parameters(), "lr": config.learning_rate * FINE_TUNE_LR_FACTOR})
-    optimizer = torch.optim.AdamW(parameters, weight_decay=WEIGHT_DECAY)
-    loss_weights = class_weights(train_targets, len(classes)).to(device) if config.balance == "class_weight" else None
+    def rows(wanted: list[tuple[int, int]]) -> torch.Tensor:
+        return torch.tensor([row_of[item] for item in wanted], device=device)
 
-    def logits_of(x: torch.Tensor, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
-        features = model.features(x, stop)
-        if dropout_mask is not None:
-            features = features * dropout_mask
-        return model.head(features)
+    x_train, x_val = activations[:len(train_items)], activations[rows([(i, 0) for i in split.val])]
+    train_targets = targets_of[[i for i, _ in train_items]]
+    y_val = torch.from_numpy(targets_of[split.val]).to(device)
 
-    # 4. Train, with early stopping on validation loss (the best epoch's weights are kept). The order and
-    # the dropout masks are drawn on the CPU, so they are the same on every device.
-    generator = torch.Generator().manual_seed(config.seed)
-    rng = np.random.default_rng([config.seed, 2])
-    history: list[dict[str, float]] = []
-    best_loss, best_epoch, best_state = float("inf"), 0, snapshot(model)
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        order = epoch_order(train_targets, len(classes), config, rng).to(device)
-        total_loss = correct = 0.0
-        for start in range(0, len(order), config.batch_size):
-            batch = order[start:start + config.batch_size]
-            keep = (torch.rand((len(batch), FEATURE_DIM), generator=generator) >= HEAD_DROPOUT).float().to(device)
-            logits = logits_of(x_train[batch], keep / (1 - HEAD_DROPOUT))
-            loss = F.cross_entropy(logits, y_train[batch], weight=loss_weights)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total_loss += float(loss.detach()) * len(batch)
-            correct += float((logits.argmax(dim=1) == y_train[batch]).sum())
-        model.eval()
-        with torch.no_grad():
-            val_logits = logits_of(x_val)
-        val_loss = validation_loss(val_logits, y_val, balanced=config.balance != "none")
-        epoch_metrics = {"loss": total_loss / len(order), "accuracy": correct / len(order), "val_loss": val_loss,
-                         "val_accuracy": float((val_logits.argmax(dim=1) == y_val).float().mean())}
-        history.append({"epoch": epoch, **epoch_metrics})
-        if on_epoch is not None:
-            on_epoch(epoch, config.epochs, epoch_metrics)
-        if val_loss < best_loss - MIN_LOSS_IMPROVEMENT:
-            best_loss, best_epoch, best_state = val_loss, epoch, snapshot(model)
-        elif epoch - best_epoch >= config.patience:
-            break
-    model.load_state_dict(best_state)
-    model.eval().requires_grad_(False)
+    # 3. The served model, with early stopping on validation loss (the best epoch's weights are kept)
+    model = new_model(classes, backbone, stop, train_targets, config)
+    history, best_epoch = fit_model(model, x_train, train_targets, config, config.epochs, validation=(x_val, y_val),
+                                    rng=np.random.default_rng([config.seed, 2]),
+                                    generator=torch.Generator().manual_seed(config.seed), on_epoch=on_epoch)
 
-    # 5. Validation metrics and the unknown threshold
+    # 4. Validation metrics
     with torch.no_grad():
         probabilities = model.logits(x_val, stop).softmax(dim=1).cpu().numpy()
-    predicted, scores = probabilities.argmax(axis=1), probabilities.max(axis=1)
-    targets = y_val.cpu().numpy()
-    calibration = calibrate_threshold(scores, predicted == targets, config.target_precision)
+    val_targets = y_val.cpu().numpy()
+
+    # 5. The unknown threshold, from out-of-fold predictions: each photo scored by a model trained as the
+    # served one was (for its best epoch count) on the other folds' photos and variants
+    folds = stratified_folds(labels, classes, calibration_folds(config.val_fraction), config.seed)
+    scored: list[int] = []
+    fold_probabilities = []
+    for f, fold in enumerate(folds):
+        held_out = set(fold)
+        fold_items = [(i, v) for i in range(len(samples)) if i not in held_out for v in variants]
+        fold_targets = targets_of[[i for i, _ in fold_items]]
+        fold_model = new_model(classes, backbone, stop, fold_targets, config)
+        fold_rng = np.random.default_rng([config.seed, 2, f + 1])
+        fit_model(fold_model, activations[rows(fold_items)], fold_targets, config, best_epoch, rng=fold_rng,
+                  generator=torch.Generator().manual_seed(int(fold_rng.integers(2**62))))
+        with torch.no_grad():
+            fold_probabilities.append(fold_model.logits(activations[rows([(i, 0) for i in fold])], stop)
+                                      .softmax(dim=1).cpu().numpy())
+        scored.extend(fold)
+        if on_calibration is not None:
+            on_calibration(f + 1, len(folds))
+    out_of_fold = np.concatenate(fold_probabilities)
+    oof_targets, oof_scores = targets_of[scored], out_of_fold.max(axis=1)
+    calibration = calibrate_threshold(oof_scores, out_of_fold.argmax(axis=1) == oof_targets, config.target_precision)
     model.threshold = calibration["threshold"]
     metrics = {
-        **classification_metrics(targets, predicted, classes),
+        **classification_metrics(val_targets, probabilities.argmax(axis=1), classes),
         **calibration,
+        "coverage_per_class": coverage_by_class(oof_scores, oof_targets, calibration["threshold"], classes),
+        "threshold_method": THRESHOLD_METHOD,
+        "calibration_folds": len(folds),
+        "calibration_size": len(scored),
         "target_precision": config.target_precision,
         "val_size": len(split.val),
         "train_size": len(train_items),
@@ -513,6 +545,89 @@ def train_classifier(samples: list[tuple[Image.Image, str]], config: TrainingCon
                           model_kind="classify", device=backbone.device.description)
 
 
+def new_model(classes: list[str], backbone: FrozenBackbone, stop: int, train_targets: np.ndarray,
+              config: TrainingConfig) -> CustomModel:
+    """An untrained model: shared frozen layers, copies of the tuned ones, a linear head on the pooled
+    features. (Standardising the features per dimension was tried: it generalises worse from a few photos.)"""
+    device = backbone.device.name
+    model = CustomModel(classes, backbone, stop, nn.Linear(FEATURE_DIM, len(classes), device=device), 0.0,
+                        config.target_precision)
+    with torch.no_grad():
+        model.head.weight.zero_()  # the softmax regression is convex: a fixed start, no random init
+        # Start from the class frequencies training will see (uniform when balancing), so the first
+        # epochs learn what tells the classes apart rather than how common each is.
+        model.head.bias.copy_(initial_bias(train_targets, len(classes), config.balance))
+    return model
+
+
+def fit_model(model: CustomModel, x_train: torch.Tensor, train_targets: np.ndarray, config: TrainingConfig,
+              epochs: int, *, rng: np.random.Generator, generator: torch.Generator,
+              validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+              on_epoch: Callable[[int, int, dict], None] | None = None) -> tuple[list[dict[str, float]], int]:
+    """Train `model` on activations for up to `epochs` epochs; returns (history, best epoch).
+
+    With `validation` (activations, targets), early stopping on validation loss: the best epoch's weights
+    are kept. Without, exactly `epochs` epochs. The order and the dropout masks are drawn on the CPU (from
+    `rng` and `generator`), so they are the same on every device. The model is left in eval mode, frozen.
+    """
+    device = x_train.device
+    num_classes = len(model.labels)
+    stop = model.tuned_from_layer
+    y_train = torch.from_numpy(train_targets).to(device)
+    model.requires_grad_(True)
+    parameters = [{"params": model.head.parameters(), "lr": config.learning_rate}]
+    if config.fine_tune:
+        parameters.append({"params": model.tuned.parameters(), "lr": config.learning_rate * FINE_TUNE_LR_FACTOR})
+    optimizer = torch.optim.AdamW(parameters, weight_decay=WEIGHT_DECAY)
+    loss_weights = class_weights(train_targets, num_classes).to(device) if config.balance == "class_weight" else None
+
+    def logits_of(x: torch.Tensor, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+        features = model.features(x, stop)
+        if dropout_mask is not None:
+            features = features * dropout_mask
+        return model.head(features)
+
+    history: list[dict[str, float]] = []
+    best_loss, best_epoch = float("inf"), 0
+    best_state = snapshot(model) if validation is not None else {}
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = epoch_order(train_targets, num_classes, config, rng).to(device)
+        total_loss = correct = 0.0
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start:start + config.batch_size]
+            keep = (torch.rand((len(batch), FEATURE_DIM), generator=generator) >= HEAD_DROPOUT).float().to(device)
+            logits = logits_of(x_train[batch], keep / (1 - HEAD_DROPOUT))
+            loss = F.cross_entropy(logits, y_train[batch], weight=loss_weights)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * len(batch)
+            correct += float((logits.argmax(dim=1) == y_train[batch]).sum())
+        epoch_metrics = {"loss": total_loss / len(order), "accuracy": correct / len(order)}
+        if validation is not None:
+            x_val, y_val = validation
+            model.eval()
+            with torch.no_grad():
+                val_logits = logits_of(x_val)
+            val_loss = validation_loss(val_logits, y_val, balanced=config.balance != "none")
+            epoch_metrics |= {"val_loss": val_loss,
+                              "val_accuracy": float((val_logits.argmax(dim=1) == y_val).float().mean())}
+        history.append({"epoch": epoch, **epoch_metrics})
+        if on_epoch is not None:
+            on_epoch(epoch, epochs, epoch_metrics)
+        if validation is None:
+            best_epoch = epoch
+        elif epoch_metrics["val_loss"] < best_loss - MIN_LOSS_IMPROVEMENT:
+            best_loss, best_epoch, best_state = epoch_metrics["val_loss"], epoch, snapshot(model)
+        elif epoch - best_epoch >= config.patience:
+            break
+    if validation is not None:
+        model.load_state_dict(best_state)
+    model.eval().requires_grad_(False)
+    return history, best_epoch
+
+
 def snapshot(model: CustomModel) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
@@ -525,8 +640,9 @@ def train_from_params(samples: list[tuple[Image.Image, str]], params: dict[str, 
     """A training job's params (other keys, e.g. the dataset and model name, are the job's, not the
     training's) -> `train_classifier`.
 
-    `on_step(done, total, info)` hears both phases: backbone passes ({"phase": "features"}) and
-    epochs ({"phase": "training", "loss", ...}); raising from it (a cancel) stops the training there.
+    `on_step(done, total, info)` hears the three phases: backbone passes ({"phase": "features"}), the
+    served model's epochs ({"phase": "training", "loss", ...}) and the threshold's calibration folds
+    ({"phase": "calibration"}); raising from it (a cancel) stops the training there.
     """
     config = TrainingConfig(**{key: value for key, value in params.items() if key in TRAINING_PARAMS})
     if on_step is None:
@@ -534,7 +650,8 @@ def train_from_params(samples: list[tuple[Image.Image, str]], params: dict[str, 
     return train_classifier(
         samples, config,
         on_epoch=lambda epoch, total, info: on_step(epoch, total, {"phase": "training", **info}),
-        on_features=lambda done, total: on_step(done, total, {"phase": "features"}))
+        on_features=lambda done, total: on_step(done, total, {"phase": "features"}),
+        on_calibration=lambda done, total: on_step(done, total, {"phase": "calibration"}))
 
 
 class ClassifierTrainer:
@@ -555,7 +672,8 @@ class ClassifierTrainer:
                 continue
             samples.append((image, entry.label))
 
-        # 2. Train, reporting backbone passes and epochs; a cancel raised by on_step stops it there
+        # 2. Train, reporting backbone passes, epochs and calibration folds; a cancel raised by on_step
+        # stops it there
         result = train_from_params(samples, params, on_step)
         result.output = {"dataset": {"id": data.dataset.get("id"), "images": len(samples), "skipped_files": skipped}}
         return result

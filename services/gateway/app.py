@@ -5,6 +5,7 @@ It imports no ML framework (import-linter checks it), so it starts fast and stay
 
 import asyncio
 import logging
+import threading
 import time
 from contextlib import asynccontextmanager
 
@@ -22,7 +23,7 @@ from percept.sweeper import sweep_once
 from services.gateway.events import JobEvents
 from services.gateway.intake import validation_message
 from services.gateway.metrics import make_registry
-from services.gateway.ratelimit import TenantRateLimit
+from services.gateway.ratelimit import TenantRateLimit, WrongKeyLimit, limits_storage
 from services.gateway.routers import classify, faces, health, images, jobs, models, training, webhooks
 from services.gateway.webhooks import WebhookSender
 
@@ -121,8 +122,13 @@ def create_app(settings: Settings | None = None, infra: Infra | None = None) -> 
         app.state.events.start()
         webhook_sender.start()
         app.state.key_cache = {}
-        app.state.rate_limit = TenantRateLimit(resolved.settings.rate_limit, resolved.broker_url)
-        app.state.metrics_registry, app.state.request_latency = make_registry(resolved)
+        limits = limits_storage(resolved.broker_url)
+        app.state.rate_limit = TenantRateLimit(resolved.settings.rate_limit, limits)
+        app.state.wrong_keys = WrongKeyLimit(resolved.settings.auth_failure_limit, limits)
+        app.state.metrics_registry, app.state.request_latency, collector = make_registry(resolved)
+        # The replica's one pass over the job history, now rather than in the first scrape; a daemon thread,
+        # so a long read holds up neither the start nor the shutdown.
+        threading.Thread(target=collector.warm_up, name="metrics-warm-up", daemon=True).start()
         sweeper = asyncio.create_task(_sweep_forever(resolved))
         yield
         sweeper.cancel()

@@ -14,6 +14,7 @@ from percept.db.tenants import hash_key, tenant_id_for_key
 from percept.errors import Unauthorized
 from percept.infra import Infra
 from services.gateway.events import JobEvents
+from services.gateway.ratelimit import WrongKeyLimit
 from services.gateway.transaction import commit
 
 # A key lookup is cached this long: a revoked key stops working within this time.
@@ -61,6 +62,10 @@ async def get_tenant_id(request: Request, infra: InfraDep) -> str:
     if not key:
         raise Unauthorized("Send your API key as `Authorization: Bearer <key>` or `X-API-Key: <key>`.",
                            code="missing_api_key")
+    # The connection's address, or the client a trusted proxy names (PERCEPT_TRUSTED_PROXIES, given to uvicorn).
+    client = request.client.host if request.client else None
+    wrong_keys: WrongKeyLimit = request.app.state.wrong_keys
+    wrong_keys.check(client)
     cache: dict[str, tuple[str, float]] = request.app.state.key_cache
     hashed = hash_key(key)
     cached = cache.get(hashed)
@@ -69,6 +74,7 @@ async def get_tenant_id(request: Request, infra: InfraDep) -> str:
     else:
         found = await run_in_threadpool(_tenant_of_key, infra, key)
         if found is None:
+            await wrong_keys.wrong_key(client)  # 429 instead of 401 once this address has guessed too often
             raise Unauthorized("The API key is not valid; create one with `percept keys create NAME`.",
                                code="invalid_api_key")
         tenant_id = found

@@ -1,10 +1,21 @@
-"""Prometheus metrics: request latency here; jobs, queue depth and inference time read at scrape time
-from Postgres (the job record) and the broker, so every gateway replica reports the same truth."""
+"""Prometheus metrics: request latency here; jobs, queue depth, inference time and webhook deliveries read
+at scrape time from Postgres (the job record) and the broker, so every gateway replica reports the same
+truth.
+
+Jobs and deliveries are counted over all time without reading their tables at every scrape: see
+RunningTotals. The bench `bench/metrics_scrape.py` measures a scrape with a million jobs.
+"""
 
 import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
+from sqlalchemy.orm import Session
 
 from percept.db import jobs as job_repo
 from percept.db import webhooks as webhook_repo
@@ -13,13 +24,104 @@ from percept.infra import Infra
 from percept.queue import queue_depths
 
 log = logging.getLogger(__name__)
+# A row is folded into the running totals once it is this old. A job or delivery commits within its
+# request or worker transaction, seconds after its id is drawn (ids grow with creation time); one that
+# committed later than this below the fold would go uncounted by the replicas that folded past it.
+SETTLE = timedelta(seconds=60)
+
+Labels = tuple[Any, ...]
+Values = tuple[float, ...]
+Totals = dict[Labels, list[float]]
+
+
+@dataclass(frozen=True)
+class TallySource:
+    """How RunningTotals reads one table whose rows end in a state that never changes again, by ranges of
+    its primary key (see percept/db/jobs.py and percept/db/webhooks.py)."""
+
+    newest_created_before: Callable[[Session, timedelta], Any]
+    totals: Callable[..., Sequence[tuple[Labels, Values]]]  # (session, *, after, upto=None, ended_only=False)
+    pending_ids: Callable[..., Sequence[Any]]  # (session, *, after, upto)
+    totals_by_id: Callable[[Session, list[Any]], Sequence[tuple[Any, bool, Labels, Values]]]
+
+
+JOBS = TallySource(job_repo.newest_job_created_before, job_repo.job_totals, job_repo.pending_job_ids,
+                   job_repo.job_totals_by_id)
+DELIVERIES = TallySource(webhook_repo.newest_delivery_created_before, webhook_repo.delivery_totals,
+                         webhook_repo.pending_delivery_ids, webhook_repo.delivery_totals_by_id)
+
+
+def _add(totals: Totals, rows: Sequence[tuple[Labels, Values]]) -> None:
+    for labels, values in rows:
+        current = totals.setdefault(labels, [0.0] * len(values))
+        for i, value in enumerate(values):
+            current[i] += value
+
+
+class RunningTotals:
+    """All-time totals of a table's rows by labels, without reading the whole table at every scrape.
+
+    A row that has ended (ended rows never change) and is older than SETTLE is folded into totals kept in
+    memory; the fold's boundary is the newest such id. A refresh then reads by primary key only: the rows
+    above the boundary (created within about SETTLE and since the last refresh), and the rows below it
+    that were still pending when they were folded. A replica's first refresh reads the table once.
+    Rows deleted after they were folded (a tenant removed) stay counted until the replica restarts.
+    """
+
+    def __init__(self, source: TallySource) -> None:
+        self.source = source
+        self.boundary: Any = None
+        self.folded: Totals = {}
+        self.pending: set[Any] = set()  # ids at or below the boundary not ended when folded
+        self._lock = threading.Lock()  # scrapes run in threads; one refresh at a time
+
+    def refresh(self, session: Session) -> Totals:
+        with self._lock:
+            source, boundary = self.source, self.boundary
+            folded = {labels: list(values) for labels, values in self.folded.items()}
+            pending = set(self.pending)
+            # 1. Fold the rows that have settled since the last refresh
+            newest = source.newest_created_before(session, SETTLE)
+            if newest is not None and (boundary is None or newest > boundary):
+                _add(folded, source.totals(session, after=boundary, upto=newest, ended_only=True))
+                pending.update(source.pending_ids(session, after=boundary, upto=newest))
+                boundary = newest
+            # 2. The folded rows that were pending: fold those that have ended since
+            live: Totals = {}
+            still_pending = set()
+            for row_id, ended, labels, values in source.totals_by_id(session, list(pending)):
+                _add(folded if ended else live, [(labels, values)])
+                if not ended:
+                    still_pending.add(row_id)
+            # 3. The rows above the boundary, as they stand
+            _add(live, source.totals(session, after=boundary))
+            # Kept only once every read has answered: a failed refresh leaves the totals as they were.
+            self.boundary, self.folded, self.pending = boundary, folded, still_pending
+        _add(live, [(labels, tuple(values)) for labels, values in folded.items()])
+        return live
 
 
 class PlatformCollector:
     def __init__(self, infra: Infra) -> None:
         self.infra = infra
+        self.jobs = RunningTotals(JOBS)
+        self.deliveries = RunningTotals(DELIVERIES)
 
-    def collect(self):
+    def totals(self) -> tuple[Totals, Totals]:
+        """(jobs by (kind, status, model), deliveries by (status,)), read now."""
+        with session_scope(self.infra.database_url) as session:
+            # One snapshot for every read: a job that ends between two of them is counted exactly once.
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            return self.jobs.refresh(session), self.deliveries.refresh(session)
+
+    def warm_up(self) -> None:
+        """The replica's one pass over the history, at start-up rather than in the first scrape."""
+        try:
+            self.totals()
+        except Exception as exc:  # the first scrape will try again
+            log.warning("metrics: history not read at start-up (%s)", exc.__class__.__name__)
+
+    def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("percept_jobs", "Jobs by kind and status", labels=["kind", "status"])
         inference = SummaryMetricFamily("percept_inference_seconds",
                                         "Model inference time of finished jobs", labels=["model"])
@@ -27,13 +129,19 @@ class PlatformCollector:
         deliveries = GaugeMetricFamily("percept_webhook_deliveries", "Webhook deliveries by status",
                                        labels=["status"])
         try:
-            with session_scope(self.infra.database_url) as session:
-                for kind, status, count in job_repo.count_by_kind_and_status(session):
-                    jobs.add_metric([kind, status], count)
-                for name, count, seconds in job_repo.inference_time_by_model(session):
-                    inference.add_metric([name or "unknown"], count, seconds)
-                for status, count in webhook_repo.count_deliveries_by_status(session):
-                    deliveries.add_metric([status], count)
+            job_totals, delivery_totals = self.totals()
+            by_job: Totals = {}
+            by_model: Totals = {}
+            for (kind, status, model), (count, timed, seconds) in job_totals.items():
+                _add(by_job, [((kind, status), (count,))])
+                if timed:
+                    _add(by_model, [((model or "unknown",), (timed, seconds))])
+            for (kind, status), (count,) in by_job.items():
+                jobs.add_metric([kind, status], count)
+            for (model,), (count, seconds) in by_model.items():
+                inference.add_metric([model], int(count), seconds)
+            for (status,), (count,) in delivery_totals.items():
+                deliveries.add_metric([status], count)
         except Exception as exc:  # a scrape must answer even when the database is down
             log.warning("metrics: database unavailable (%s)", exc.__class__.__name__)
         try:
@@ -44,10 +152,11 @@ class PlatformCollector:
         yield from (jobs, inference, depth, deliveries)
 
 
-def make_registry(infra: Infra) -> tuple[CollectorRegistry, Histogram]:
+def make_registry(infra: Infra) -> tuple[CollectorRegistry, Histogram, PlatformCollector]:
     registry = CollectorRegistry()
     latency = Histogram("percept_http_request_seconds", "HTTP request latency",
                         ["method", "route", "status"], registry=registry,
                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-    registry.register(PlatformCollector(infra))
-    return registry, latency
+    collector = PlatformCollector(infra)
+    registry.register(collector)
+    return registry, latency, collector

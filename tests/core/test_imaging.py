@@ -1,6 +1,8 @@
 """Decoding at a reduced scale: large JPEGs come back smaller but never under what the caller needs,
 oriented as a person sees them; other formats and small images are left as they are."""
 
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 
 import numpy as np
@@ -50,3 +52,43 @@ def test_a_truncated_photo_is_still_refused_when_checked_at_the_smallest_scale()
     with pytest.raises(Exception) as refused:
         inspect_image(data[: int(len(data) * 0.95)], MAX_PIXELS)
     assert getattr(refused.value, "code", None) == "corrupt_image"
+
+
+def test_the_pixel_cap_is_the_callers_and_pillows_own_guard_is_left_alone():
+    """Each call checks its own cap on the header; no call re-sets Pillow's process-wide guard, so other
+    Pillow users (and other threads) are not held to the last caller's cap."""
+    pillows_own = Image.MAX_IMAGE_PIXELS
+    data = photo(2000, 1500)  # 3 megapixels
+    assert decode_rgb(data, 1_000_000_000).size == (2000, 1500)
+    with pytest.raises(Exception) as refused:
+        decode_rgb(data, 1_000_000)
+    assert Image.MAX_IMAGE_PIXELS == pillows_own
+    # Refused by the call's own cap, checked on the header: the answer says the image's size and the cap.
+    assert getattr(refused.value, "code", None) == "image_too_many_pixels"
+    assert "(2000x1500)" in str(refused.value) and refused.value.details == {"max_pixels": 1_000_000}
+    with pytest.raises(Exception) as also_refused:
+        inspect_image(data, 2_999_999)
+    assert getattr(also_refused.value, "code", None) == "image_too_many_pixels"
+    assert inspect_image(data, 3_000_000).width == 2000
+
+
+def test_two_caps_in_two_threads_each_apply():
+    """A gateway serves many requests at once: a small cap in one must never refuse an image in another."""
+    data = photo(1200, 1000)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, to interleave the two callers
+
+    def decode(cap: int) -> str:
+        try:
+            decode_rgb(data, cap, at_least=64)
+            return "decoded"
+        except Exception as exc:
+            return getattr(exc, "code", repr(exc))
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            caps = [100_000, 10_000_000] * 100
+            answers = list(pool.map(decode, caps))
+    finally:
+        sys.setswitchinterval(switch)
+    assert answers == ["image_too_many_pixels", "decoded"] * 100

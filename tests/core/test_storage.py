@@ -4,24 +4,15 @@ import hashlib
 import uuid
 
 import pytest
-from moto.server import ThreadedMotoServer
 
 from percept.errors import DependencyUnavailable, NotFound
 from percept.storage import LocalObjectStore, S3ObjectStore, object_key_for, object_store_from_url
 from tests.conftest import free_port
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop()
-
-
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path):
+    """Each backend; on S3 a fresh bucket of moto's server (tests/conftest.py `s3_endpoint`), made on first use."""
     if request.param == "local":
         return object_store_from_url(tmp_path.as_uri())
     endpoint = request.getfixturevalue("s3_endpoint")

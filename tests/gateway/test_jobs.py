@@ -2,13 +2,16 @@
 
 import json
 import signal
-import time
+from datetime import timedelta
 
 import httpx
 import pytest
 from skimage import data
+from sqlalchemy import update
 
-from tests.conftest import free_port, image_bytes, wait_for_job
+from percept.db.models import Job
+from percept.db.session import session_scope
+from tests.conftest import free_port, image_bytes, job_answer, wait_for_job
 
 pytestmark = pytest.mark.integration
 
@@ -51,23 +54,42 @@ def test_mismatch_and_unknown_verdicts(api, coffee_jpeg):
     assert unknown["output"]["unknown"] is True and unknown["output"]["match"]["verdict"] == "unknown"
 
 
-def test_long_poll_returns_when_the_job_finishes(api, coffee_jpeg):
-    started = time.monotonic()
-    job = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}, headers={"Prefer": "wait=45"}).json()
-    assert job["status"] == "succeeded"
-    assert time.monotonic() - started < 40  # it answered on completion, not at the end of the wait
+def test_long_poll_answers_with_the_finished_job(api, coffee_jpeg):
+    """`Prefer: wait` holds the answer until the job is terminal: the POST answers with the finished job,
+    its output and end time, and a long-poll GET of it answers with the same job."""
+    answer = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}, headers={"Prefer": "wait=45"})
+    job = job_answer(answer)
+    assert answer.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "succeeded" and job["output"]["labels"][0]["label"] == "espresso"
+    assert job["finished_at"] is not None and job["progress"] == {"done": 1, "total": 1}
+    polled = api.get(f"/v1/jobs/{job['id']}", headers={"Prefer": "wait=45"})
+    assert polled.status_code == 200 and polled.json() == job
 
 
 def test_idempotency_key(api, coffee_jpeg):
     headers = {"Idempotency-Key": "order-42"}
     first = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}, data={"top_k": "3"}, headers=headers)
     again = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}, data={"top_k": "3"}, headers=headers)
-    assert first.status_code == again.status_code == 202
-    assert first.json()["id"] == again.json()["id"]
+    assert job_answer(first)["id"] == job_answer(again, replay=True)["id"]
     different = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}, data={"top_k": "4"},
                          headers=headers)
     assert different.status_code == 409 and different.json()["error"]["code"] == "idempotency_key_reused"
     assert len(api.get("/v1/jobs").json()["data"]) == 1
+
+
+def test_an_idempotency_key_stays_bound_to_its_job_long_after(platform, api, coffee_jpeg):
+    """A key used months ago replays its job for the same body and is a 409 for another (never a 500)."""
+    headers = {"Idempotency-Key": "order-from-march", "Prefer": "wait=45"}
+    first = job_answer(api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}, headers=headers))
+    with session_scope(platform.database_url) as session:
+        session.execute(update(Job).where(Job.id == first["id"])
+                        .values(created_at=Job.created_at - timedelta(days=90)))
+        session.commit()
+    again = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}, headers=headers)
+    assert job_answer(again, replay=True)["id"] == first["id"]
+    other = api.post("/v1/classify", files={"image": ("c.jpg", coffee_jpeg)}, data={"top_k": "2"}, headers=headers)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+    assert other.json()["error"]["details"]["job_id"] == first["id"]
 
 
 def test_server_sent_events_follow_the_job_to_the_end(api, coffee_jpeg):

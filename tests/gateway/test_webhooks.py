@@ -1,18 +1,26 @@
 """Webhooks: signed POSTs to a real HTTP receiver when jobs end, retried until the receiver takes them."""
 
+import asyncio
+import datetime
 import hashlib
 import hmac
+import ipaddress
 import json
 import signal
+import socket
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from skimage import data
 
-from services.gateway.webhooks import non_public_address
+from percept.config import Settings
+from services.gateway.webhooks import WebhookAllow, WebhookRefused, checked_addresses, delivery_client, post_delivery
 from tests.conftest import image_bytes, wait_until
 
 pytestmark = pytest.mark.integration
@@ -21,7 +29,7 @@ pytestmark = pytest.mark.integration
 class Receiver:
     """An HTTP server on a free port that records what it is sent and answers with the given codes."""
 
-    def __init__(self, answers: list[int] | None = None) -> None:
+    def __init__(self, answers: list[int] | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.calls: list[tuple[dict[str, str], bytes]] = []
         self.answers = list(answers or [])
         receiver = self
@@ -37,7 +45,9 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/percept"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_port}/hooks/percept"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
@@ -49,8 +59,8 @@ class Receiver:
 def receiver():
     made: list[Receiver] = []
 
-    def make(answers: list[int] | None = None) -> Receiver:
-        made.append(Receiver(answers))
+    def make(answers: list[int] | None = None, tls: ssl.SSLContext | None = None) -> Receiver:
+        made.append(Receiver(answers, tls))
         return made[-1]
 
     yield make
@@ -154,26 +164,198 @@ def test_webhooks_are_checked_and_private_to_their_tenant(platform, api, receive
     assert api.get("/v1/webhooks").json() == []
 
 
-@pytest.mark.parametrize(("url", "blocked"), [
-    ("http://127.0.0.1:9000/x", "127.0.0.1"), ("http://localhost/x", None), ("http://10.1.2.3/x", "10.1.2.3"),
-    ("http://169.254.169.254/latest/meta-data", "169.254.169.254"), ("http://[::1]/x", "::1"),
-    ("https://8.8.8.8/hook", None), ("http://no-such-host.invalid/x", None)])
-def test_non_public_addresses_are_recognised(url, blocked):
-    found = non_public_address(url)
-    if url.startswith("http://localhost"):
-        assert found in ("127.0.0.1", "::1")  # whichever the resolver lists first
-    else:
-        assert found == blocked
+# --------------------------------------------------------------------------- where deliveries may go
+
+def _one_address(address: str):
+    """A resolver that answers `address` for every name (and the port it is asked for)."""
+    def resolve(host, port, *args, **kwargs):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, 6, "", (address, port or 0))]
+    return resolve
 
 
-def test_a_platform_for_untrusted_tenants_keeps_webhooks_off_the_internal_network(platform, api, receiver):
-    guarded = platform.start_replica("no-private-webhooks", PERCEPT_WEBHOOK_ALLOW_PRIVATE="false")
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "::1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "fe80::1", "fc00::1",
+    "0.0.0.0", "100.64.0.1", "224.0.0.1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe",
+    "2002:7f00:1::1"])
+def test_non_public_addresses_are_refused_by_default(address):
+    with pytest.raises(WebhookRefused) as refused:
+        checked_addresses("https://hooks.example.com/x", WebhookAllow.of([]), resolve=_one_address(address))
+    assert refused.value.details["address"] == address
+    assert "PERCEPT_WEBHOOK_ALLOW" in refused.value.message
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.215.14", "2606:4700:4700::1111"])
+def test_public_addresses_are_the_addresses_to_connect_to(address):
+    assert checked_addresses("https://hooks.example.com/x", WebhookAllow.of([]),
+                             resolve=_one_address(address)) == [address]
+
+
+def test_every_address_a_name_resolves_to_is_checked():
+    def resolve(host, port, *args, **kwargs):  # a public answer first, the metadata address second
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("8.8.8.8", port)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", port))]
+    with pytest.raises(WebhookRefused):
+        checked_addresses("http://hooks.example.com/x", WebhookAllow.of([]), resolve=resolve)
+
+
+def test_operators_open_named_hosts_and_networks():
+    allow = WebhookAllow.of(Settings(webhook_allow="10.0.0.0/8, hooks.internal,*.svc.cluster.local").webhook_allow)
+    assert checked_addresses("http://10.1.2.3:8080/x", allow) == ["10.1.2.3"]
+    with pytest.raises(WebhookRefused):
+        checked_addresses("http://192.168.1.5/x", allow)
+    private = _one_address("192.168.7.7")
+    assert checked_addresses("http://HOOKS.internal./x", allow, resolve=private) == ["192.168.7.7"]
+    assert checked_addresses("http://receiver.team.svc.cluster.local/x", allow, resolve=private) == ["192.168.7.7"]
+    with pytest.raises(WebhookRefused):
+        checked_addresses("http://svc.cluster.local.evil.example/x", allow, resolve=private)
+    with pytest.raises(WebhookRefused):
+        checked_addresses("http://hooks.internal.evil.example/x", allow, resolve=private)
+
+
+def test_the_default_is_to_refuse_private_addresses(monkeypatch):
+    monkeypatch.delenv("PERCEPT_WEBHOOK_ALLOW", raising=False)
+    assert Settings().webhook_allow == []
+    with pytest.raises(WebhookRefused):
+        checked_addresses("http://127.0.0.1:9000/x", WebhookAllow.of(Settings().webhook_allow))
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/33", "http://hooks.internal", "hooks internal", "*"])
+def test_an_allow_entry_that_is_neither_a_host_nor_a_network_stops_the_start(entry):
+    with pytest.raises(ValueError, match="PERCEPT_WEBHOOK_ALLOW"):
+        Settings(webhook_allow=entry)
+
+
+class _Rebinding:
+    """A resolver for `name` that answers `first` once, then `after` every time (DNS rebinding); other
+    names resolve for real."""
+
+    def __init__(self, monkeypatch, name: str, first: str, after: str) -> None:
+        self.name, self.answers, self.asked = name, (first, after), 0
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host, port, *args, **kwargs):
+            if (host.decode() if isinstance(host, bytes) else host) != self.name:  # anyio asks with bytes
+                return real(host, port, *args, **kwargs)
+            self.asked += 1
+            return _one_address(self.answers[0] if self.asked == 1 else self.answers[1])(host, port)
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def _record_connections(monkeypatch) -> list[tuple[str, int]]:
+    """Where TCP connections are opened. This sandbox has no internet: a public address is refused as
+    unreachable, so nothing leaves the machine."""
+    opened: list[tuple[str, int]] = []
+    real = anyio.connect_tcp
+
+    async def connect_tcp(remote_host, remote_port, **kwargs):
+        opened.append((str(remote_host), remote_port))
+        try:
+            if ipaddress.ip_address(str(remote_host)).is_global:
+                raise OSError(101, "Network is unreachable (the test has no internet)")
+        except ValueError:
+            pass  # a name: resolved by anyio, through socket.getaddrinfo
+        return await real(remote_host, remote_port, **kwargs)
+
+    monkeypatch.setattr(anyio, "connect_tcp", connect_tcp)
+    return opened
+
+
+def _deliver(url: str, allow: list[str], verify: ssl.SSLContext | bool = True) -> tuple[int | None, str | None]:
+    async def send() -> tuple[int | None, str | None]:
+        async with delivery_client(timeout=5, verify=verify) as client:
+            return await post_delivery(client, url, b'{"event": "job.succeeded"}',
+                                       {"Content-Type": "application/json"}, WebhookAllow.of(allow))
+    return asyncio.run(send())
+
+
+def test_a_name_that_answers_differently_after_the_check_is_not_followed(monkeypatch, receiver):
+    """DNS rebinding: the name answers a public address when it is checked and 127.0.0.1 afterwards.
+    The connection goes to the address that was checked, never to the receiver on loopback."""
+    hook = receiver()
+    port = hook.server.server_port
+    rebinding = _Rebinding(monkeypatch, "hooks.example.test", first="93.184.215.14", after="127.0.0.1")
+    opened = _record_connections(monkeypatch)
+
+    status_code, error = _deliver(f"http://hooks.example.test:{port}/hooks/percept", allow=[])
+
+    assert hook.calls == []
+    assert opened == [("93.184.215.14", port)]
+    assert rebinding.asked == 1  # resolved once: the answer checked is the answer used
+    assert status_code is None and "ConnectError" in error
+
+
+def test_an_allowed_name_is_pinned_to_its_checked_address_and_keeps_its_host_header(monkeypatch, receiver):
+    hook = receiver()
+    port = hook.server.server_port
+    rebinding = _Rebinding(monkeypatch, "hooks.example.test", first="127.0.0.1", after="10.255.255.1")
+    opened = _record_connections(monkeypatch)
+
+    assert _deliver(f"http://hooks.example.test:{port}/hooks/percept", allow=["127.0.0.0/8"]) == (200, None)
+
+    assert opened == [("127.0.0.1", port)] and rebinding.asked == 1
+    [(headers, body)] = hook.calls
+    assert headers["host"] == f"hooks.example.test:{port}" and json.loads(body) == {"event": "job.succeeded"}
+
+
+def _certificate_for(name: str, directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate valid for `name` only (not for 127.0.0.1), and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(hours=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_an_https_delivery_pinned_to_an_address_still_verifies_the_name(monkeypatch, receiver, tmp_path):
+    """The TLS handshake names the URL's host (SNI) and the certificate is checked against it, while
+    the connection goes to the checked address."""
+    cert_file, key_file = _certificate_for("hooks.example.test", tmp_path)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert_file, key_file)
+    names: list[str | None] = []
+    server_side.sni_callback = lambda sock, name, context: names.append(name)
+    hook = receiver(tls=server_side)
+    port = hook.server.server_port
+    _Rebinding(monkeypatch, "hooks.example.test", first="127.0.0.1", after="10.255.255.1")
+    trusted = ssl.create_default_context(cafile=str(cert_file))
+
+    assert _deliver(f"https://hooks.example.test:{port}/hooks/percept", ["127.0.0.1"], trusted) == (200, None)
+    assert names == ["hooks.example.test"] and hook.calls[0][0]["host"] == f"hooks.example.test:{port}"
+
+    # Pinning never weakens verification: the same server under a name its certificate does not carry fails.
+    _Rebinding(monkeypatch, "other.example.test", first="127.0.0.1", after="127.0.0.1")
+    status_code, error = _deliver(f"https://other.example.test:{port}/x", ["127.0.0.1"], trusted)
+    assert status_code is None and "CERTIFICATE_VERIFY_FAILED" in error
+
+
+def test_a_platform_refuses_webhooks_to_the_internal_network_by_default(platform, api, receiver):
+    guarded = platform.start_replica("default-webhook-allow", PERCEPT_WEBHOOK_ALLOW="")
     try:
         hook = receiver()
         answer = httpx.post(guarded + "/v1/webhooks", json={"url": hook.url}, headers=api.headers)
         assert answer.status_code == 422
-        assert answer.json()["error"]["code"] == "webhook_url_not_allowed"
-        assert answer.json()["error"]["details"]["address"] == "127.0.0.1"
+        error = answer.json()["error"]
+        assert error["code"] == "webhook_url_not_allowed" and error["details"]["address"] == "127.0.0.1"
+        assert "PERCEPT_WEBHOOK_ALLOW" in error["message"]
+        metadata = httpx.post(guarded + "/v1/webhooks", json={"url": "http://169.254.169.254/latest/meta-data"},
+                              headers=api.headers)
+        assert metadata.status_code == 422 and metadata.json()["error"]["details"]["address"] == "169.254.169.254"
         assert api.get("/v1/webhooks").json() == []
     finally:
-        platform.kill("no-private-webhooks", signal.SIGTERM)
+        platform.kill("default-webhook-allow", signal.SIGTERM)

@@ -5,14 +5,14 @@ from starlette.concurrency import run_in_threadpool
 
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.intake import read_job_request
-from services.gateway.routers.jobs import JOB_ERRORS, IdempotencyHeader, PreferHeader, accepted
+from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
 from services.gateway.schemas import ClassifyParams, JobOut
 from services.gateway.usecases.jobs import JobRequest, submit_job
 
 router = APIRouter(prefix="/v1", tags=["classify"])
 
 
-@router.post("/classify", status_code=202, response_model=JobOut, responses=JOB_ERRORS,
+@router.post("/classify", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
              openapi_extra={"requestBody": {"content": {
                  "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
                      "image": {"type": "string", "format": "binary", "description": "file, or an image id"},

@@ -14,7 +14,7 @@ from percept.infra import Infra
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.events import JobEvents
 from services.gateway.intake import read_job_request
-from services.gateway.routers.jobs import ERRORS, JOB_ERRORS, IdempotencyHeader, PreferHeader, accepted
+from services.gateway.routers.jobs import ERRORS, JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
 from services.gateway.schemas import (
     CollectionIn,
     CollectionOut,
@@ -60,7 +60,7 @@ async def _submit(request: Request, response: Response, session: Session, infra:
     return await accepted(response, session, infra, events, tenant_id, submitted, prefer)
 
 
-@router.post("/faces/detect", status_code=202, response_model=JobOut, responses=JOB_ERRORS,
+@router.post("/faces/detect", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
              openapi_extra=_image_form("image", params=FaceDetectParams))
 async def detect_faces(request: Request, response: Response, session: SessionDep, infra: InfraDep,
                        events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
@@ -70,7 +70,7 @@ async def detect_faces(request: Request, response: Response, session: SessionDep
                          ("image",), idempotency_key, prefer)
 
 
-@router.post("/faces/verify", status_code=202, response_model=JobOut, responses=JOB_ERRORS,
+@router.post("/faces/verify", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
              openapi_extra=_image_form("image_a", "image_b", params=FaceVerifyParams))
 async def verify_faces(request: Request, response: Response, session: SessionDep, infra: InfraDep,
                        events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
@@ -80,7 +80,7 @@ async def verify_faces(request: Request, response: Response, session: SessionDep
                          ("image_a", "image_b"), idempotency_key, prefer)
 
 
-@router.post("/faces/identify", status_code=202, response_model=JobOut, responses=JOB_ERRORS,
+@router.post("/faces/identify", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
              openapi_extra=_image_form("image", params=FaceIdentifyParams))
 async def identify_faces(request: Request, response: Response, session: SessionDep, infra: InfraDep,
                          events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
@@ -91,7 +91,7 @@ async def identify_faces(request: Request, response: Response, session: SessionD
                          resolve=partial(faces.identify_params, session, tenant_id))
 
 
-@router.post("/memes", status_code=202, response_model=JobOut, responses=JOB_ERRORS,
+@router.post("/memes", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
              openapi_extra=_image_form("image", params=MemeParams))
 async def make_meme(request: Request, response: Response, session: SessionDep, infra: InfraDep, events: EventsDep,
                     tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
@@ -102,7 +102,7 @@ async def make_meme(request: Request, response: Response, session: SessionDep, i
 
 
 @router.post("/collections/{collection}/subjects/{subject}/faces", status_code=202, response_model=JobOut,
-             responses=JOB_ERRORS, openapi_extra=_image_form("image", params=EnrollParams))
+             responses=JOB_RESPONSES, openapi_extra=_image_form("image", params=EnrollParams))
 async def enroll_face(collection: str, subject: str, request: Request, response: Response, session: SessionDep,
                       infra: InfraDep, events: EventsDep, tenant_id: TenantDep,
                       idempotency_key: IdempotencyHeader = None, prefer: PreferHeader = None) -> JobOut:

@@ -1,5 +1,7 @@
 """Liveness, readiness and metrics."""
 
+import hmac
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -7,8 +9,10 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from percept.db.session import session_scope
+from percept.errors import Unauthorized
 from percept.queue import redis_client
 from services.gateway.deps import InfraDep
+from services.gateway.schemas import ErrorOut
 
 router = APIRouter(tags=["health"])
 
@@ -41,8 +45,14 @@ def _ping_database(url: str) -> None:
         session.execute(text("SELECT 1"))
 
 
-@router.get("/metrics", include_in_schema=True)
-async def metrics(request: Request) -> Response:
-    """Prometheus metrics."""
+@router.get("/metrics", include_in_schema=True, responses={401: {"model": ErrorOut}})
+async def metrics(request: Request, infra: InfraDep) -> Response:
+    """Prometheus metrics; with PERCEPT_METRICS_TOKEN set, only for `Authorization: Bearer <that token>`."""
+    token = infra.settings.metrics_token
+    if token:
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
+            raise Unauthorized("GET /metrics wants `Authorization: Bearer <token>` with the platform's metrics "
+                               "token (PERCEPT_METRICS_TOKEN).", code="metrics_token_required")
     data = await run_in_threadpool(generate_latest, request.app.state.metrics_registry)
     return Response(data, media_type=CONTENT_TYPE_LATEST)

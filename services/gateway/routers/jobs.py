@@ -20,14 +20,27 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 ERRORS: Responses = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 503: {"model": ErrorOut}}
 JOB_ERRORS: Responses = {**ERRORS, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 415: {"model": ErrorOut},
               422: {"model": ErrorOut}, 429: {"model": ErrorOut}}
-PreferHeader = Annotated[str | None, Header(description="`wait=N`: hold the answer up to N s (max 60)")]
+# A job POST answers 202 while its job is queued or running; with `Prefer: wait=N`, a job that ended within
+# the wait is answered with its final state as RFC 7240 describes (201 new, 200 an idempotent replay).
+_LOCATION = {"Location": {"description": "`/v1/jobs/{id}`", "schema": {"type": "string"}}}
+_APPLIED = {**_LOCATION, "Preference-Applied": {"description": "`wait=N`", "schema": {"type": "string"}}}
+JOB_RESPONSES: Responses = {
+    200: {"model": JobOut, "headers": _APPLIED,
+          "description": "`Prefer: wait=N` and the job ended within it: an idempotent replay's final state"},
+    201: {"model": JobOut, "headers": _APPLIED,
+          "description": "`Prefer: wait=N` and the job ended within it: the new job's final state"},
+    202: {"headers": _LOCATION, "description": "The job, queued or running: follow `Location`"},
+    **JOB_ERRORS}
+PreferHeader = Annotated[str | None, Header(description="`wait=N`: hold the answer up to N s (max 60) for the "
+                                                        "job to end")]
 IdempotencyHeader = Annotated[str | None, Header(max_length=200,
                                                  description="Same key + same body: the same job, for 24 h")]
 
 
 async def accepted(response: Response, session: Session, infra: Infra, events: JobEvents, tenant_id: str,
                    submitted: tuple[Job, bool], prefer: str | None) -> JobOut:
-    """The 202 of every job-creating POST: Location, and the job after an optional long-poll.
+    """The answer of every job-creating POST: Location, and the job after an optional long-poll; 202, or
+    201/200 when the job ended within the wait (see JOB_RESPONSES).
 
     A job just created is known as committed, so it is not read back; an idempotent replay is.
     """
@@ -39,15 +52,28 @@ async def accepted(response: Response, session: Session, infra: Infra, events: J
         # A job can only be waited for once it is committed and sent: that happens now rather than when
         # the route returns (the session dependency's commit then has nothing left to do).
         await run_in_threadpool(commit, session)
-    return await jobs.wait_for_job(infra, events, tenant_id, job.id, wait, known=known)
+    out = await jobs.wait_for_job(infra, events, tenant_id, job.id, wait, known=known)
+    if _applied_wait(response, wait, out):
+        response.status_code = 201 if created else 200
+    return out
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS)
-async def get_job(job_id: str, infra: InfraDep, events: EventsDep, tenant_id: TenantDep,
+async def get_job(job_id: str, response: Response, infra: InfraDep, events: EventsDep, tenant_id: TenantDep,
                   prefer: PreferHeader = None) -> JobOut:
     """A job; with `Prefer: wait=N` the answer waits until the job is terminal or N seconds pass."""
     wait = jobs.parse_wait(prefer, infra.settings.max_wait.total_seconds())
-    return await jobs.wait_for_job(infra, events, tenant_id, job_id, wait)
+    out = await jobs.wait_for_job(infra, events, tenant_id, job_id, wait)
+    _applied_wait(response, wait, out)
+    return out
+
+
+def _applied_wait(response: Response, wait: float, job: JobOut) -> bool:
+    """Say `Preference-Applied: wait=N` when the answer waited for a job that is now terminal."""
+    if wait > 0 and JobStatus(job.status).is_terminal():
+        response.headers["Preference-Applied"] = f"wait={wait:g}"
+        return True
+    return False
 
 
 @router.get("", response_model=JobPage, responses=ERRORS)

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
-from services.gateway.routers.jobs import JOB_ERRORS, IdempotencyHeader, PreferHeader, accepted
+from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
 from services.gateway.schemas import EnsembleIn, ErrorOut, JobOut, ModelOut
 from services.gateway.usecases import models
 
@@ -17,7 +17,7 @@ def list_models(session: SessionDep, tenant_id: TenantDep) -> list[ModelOut]:
     return models.list_models(session, tenant_id)
 
 
-@router.post("/ensembles", status_code=202, response_model=JobOut, responses=JOB_ERRORS)
+@router.post("/ensembles", status_code=202, response_model=JobOut, responses=JOB_RESPONSES)
 async def create_ensemble(body: EnsembleIn, response: Response, session: SessionDep, infra: InfraDep,
                           events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                           prefer: PreferHeader = None) -> JobOut:

@@ -6,7 +6,7 @@ from starlette.concurrency import run_in_threadpool
 from percept.errors import InvalidInput
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.intake import file_part, parse_params
-from services.gateway.routers.jobs import JOB_ERRORS, IdempotencyHeader, PreferHeader, accepted
+from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
 from services.gateway.schemas import DatasetOut, ErrorOut, JobOut, Responses, TrainClassifierParams
 from services.gateway.usecases import datasets, models
 
@@ -44,7 +44,7 @@ def get_dataset(dataset_id: str, session: SessionDep, tenant_id: TenantDep) -> D
     return datasets.find_dataset(session, tenant_id, dataset_id)
 
 
-@router.post("/train/classifier", status_code=202, response_model=JobOut, responses=JOB_ERRORS)
+@router.post("/train/classifier", status_code=202, response_model=JobOut, responses=JOB_RESPONSES)
 async def train_classifier(request: Request, response: Response, session: SessionDep, infra: InfraDep,
                            events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                            prefer: PreferHeader = None) -> JobOut:

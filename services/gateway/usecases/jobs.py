@@ -17,6 +17,7 @@ from percept.db.models import Job, JobStatus
 from percept.db.session import session_scope
 from percept.errors import Conflict, DependencyUnavailable, InvalidInput, NotFound, QuotaExceeded
 from percept.infra import Infra
+from percept.predictor import parse_model_ref
 from percept.queue import publish_job_event, send_job
 from percept.services import catalog
 from services.gateway.events import JobEvents, wait_for_change
@@ -49,6 +50,9 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
     requested = request.model or kind.default_model
     if requested is not None:
         params["model"] = _resolve_model(session, tenant_id, request.kind, requested)
+    # Held until the request commits: the quota check and the insert are one step for the tenant. Taken
+    # before the replay lookup, so a request that waited here sees the job of one with its key.
+    job_repo.lock_submissions(session, tenant_id)
     if request.idempotency_key:
         existing = job_repo.find_by_idempotency_key(session, tenant_id, request.idempotency_key)
         if existing is not None:
@@ -63,11 +67,11 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
               progress={"done": 0, "total": 1}, attempts=0, cancel_requested=False,
               provenance={"inputs": request.inputs, "seed": params.get("seed")},
               idempotency_key=request.idempotency_key, request_hash=fingerprint)
-    if not job_repo.add_job(session, job):  # a concurrent request with the same Idempotency-Key won the race
+    if not job_repo.add_job(session, job):  # the key's job appeared after the lookup (another transaction)
         existing = job_repo.find_by_idempotency_key(session, tenant_id, request.idempotency_key or "")
-        if existing is None:  # used more than 24 hours ago: keys are never reused
-            raise Conflict("This Idempotency-Key was used before; use a new key for a new request.",
-                           code="idempotency_key_reused")
+        if existing is None:
+            raise Conflict("This Idempotency-Key is in use by a request still being recorded; retry shortly.",
+                           code="idempotency_key_in_use")
         return _replay(existing, fingerprint), False
     after_commit(session, partial(_send, session, infra.broker_url, job.kind, job.id))
     return job, True
@@ -86,7 +90,7 @@ def _send(session: Session, broker_url: str, kind: str, job_id: str) -> None:
 
 def _resolve_model(session: Session, tenant_id: str, kind: str, requested: str) -> str:
     """`name` (latest version) or `name:version` -> `name:version`, checked against the registry."""
-    name, _, version = requested.partition(":")
+    name, version = parse_model_ref(requested)
     versions = [m for m in registry.model_versions(session, tenant_id, name) if m.kind == kind]
     if not versions:
         raise NotFound(f"No {kind} model named {name!r}; GET /v1/models lists them.", code="model_not_found")
@@ -99,8 +103,8 @@ def _resolve_model(session: Session, tenant_id: str, kind: str, requested: str) 
 
 def _replay(existing: Job, fingerprint: str) -> Job:
     if existing.request_hash != fingerprint:
-        raise Conflict("This Idempotency-Key was used with a different request in the last 24 hours; "
-                       "use a new key for a new request.", code="idempotency_key_reused",
+        raise Conflict("This Idempotency-Key was used with a different request (a key stays bound to its "
+                       "first job); use a new key for a new request.", code="idempotency_key_reused",
                        details={"job_id": existing.id})
     return existing
 

@@ -1,6 +1,7 @@
 """Webhook subscriptions: create (with a secret shown once), list, delete, and their deliveries."""
 
 import secrets
+import socket
 from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
@@ -8,9 +9,9 @@ from sqlalchemy.orm import Session
 from percept.db import webhooks as webhook_repo
 from percept.db.ids import new_id
 from percept.db.models import Webhook, WebhookDelivery
-from percept.errors import InvalidInput, NotFound
+from percept.errors import NotFound
 from percept.infra import Infra
-from services.gateway.webhooks import non_public_address
+from services.gateway.webhooks import WebhookAllow, checked_addresses
 
 
 def find_webhook(session: Session, tenant_id: str, webhook_id: str) -> Webhook:
@@ -22,10 +23,10 @@ def find_webhook(session: Session, tenant_id: str, webhook_id: str) -> Webhook:
 
 def create_webhook(session: Session, infra: Infra, tenant_id: str, url: str, events: Sequence[str]) -> Webhook:
     """Subscribe `url` to the tenant's job endings, signed with a new secret (the answer shows it once)."""
-    if not infra.settings.webhook_allow_private and (address := non_public_address(url)):
-        raise InvalidInput(f"The URL's host resolves to {address}, which is not a public address; "
-                           "this platform only sends webhooks to the public internet.",
-                           code="webhook_url_not_allowed", details={"address": address})
+    try:
+        checked_addresses(url, WebhookAllow.of(infra.settings.webhook_allow))  # raises WebhookRefused (422)
+    except (socket.gaierror, UnicodeError):
+        pass  # a name that does not resolve (yet): each delivery is checked again, and fails saying why
     return webhook_repo.add_webhook(session, Webhook(id=new_id("whk"), tenant_id=tenant_id, url=url,
                                                      events=list(events), secret="whsec_" + secrets.token_urlsafe(32)))
 
