@@ -9,8 +9,9 @@ Inputs (one `PredictRequest` per job):
         expected_label (str or None, default None): a class name the caller expects; compared
             case-insensitively (surrounding spaces ignored) with the top-1 class name.
         unknown_threshold (float in [0, 1] or None, default None): below this top-1 probability the image
-            is reported as unknown; None uses the threshold calibrated at training time, the lowest
-            validation score at which the model reached its target precision.
+            is reported as unknown; None uses the threshold calibrated at training time, the least strict
+            one at which out-of-fold predictions reached the target precision (0 when nothing needed refusing;
+            `services.classifier.training`).
 
 Output (one JSON-able dict per request), as `ImageNetClassifier`:
     {"labels": [{"label": "blue-square", "score": 0.97}, ...],

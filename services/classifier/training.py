@@ -6,7 +6,7 @@ head is then trained for many epochs on the cached activations, which takes seco
 
     result = train_classifier(samples, TrainingConfig(balance="class_weight", augment=True))
     result.artifact  # bytes for CustomClassifier(artifact, name, version)
-    result.metrics   # measured on the validation split: per class, confusion matrix, calibrated threshold
+    result.metrics   # per class and confusion matrix on the validation split; the calibrated threshold
     result.card      # what the model is and how it was trained
 
 The worker runs `ClassifierTrainer` (the `train_classifier` job): the dataset zip decoded, then the above.
