@@ -12,7 +12,6 @@ import functools
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,11 +26,11 @@ from typing import Any
 import httpx
 import psutil
 import torch
+from harness import add_device_argument, apply_device, free_port, wait_for_gateway
 from PIL import Image
 from skimage import data
 
 from percept.config import get_settings
-from percept.devices import check_device_setting
 from percept.predictor import PredictRequest
 from services.classifier.predictor import ImageNetClassifier
 
@@ -67,24 +66,13 @@ def direct_throughput(batch_size: int, seconds: float = 5.0) -> float:
 def running_platform():
     """`percept run` in a temporary data dir; yields (base URL, API key, gateway process)."""
     data_dir = Path(tempfile.mkdtemp(prefix="percept-bench-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PERCEPT_DATA_DIR": str(data_dir), "PORT": str(port), "PERCEPT_LOG_LEVEL": "WARNING"}
     runner = subprocess.Popen([sys.executable, "-m", "percept.cli", "run"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or runner.poll() is not None:
-                raise RuntimeError("the platform did not start")
-            time.sleep(0.2)
+        wait_for_gateway(url, runner, timeout=120, path="/readyz")
         key = (data_dir / "dev-api-key").read_text().strip()
         gateway = next(p for p in psutil.Process(runner.pid).children()
                        if "gateway" in " ".join(p.cmdline()))
@@ -165,16 +153,9 @@ def direct_latency_ms(samples: int = 100) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: PERCEPT_DEVICE, else auto)")
+    add_device_argument(parser)
     args = parser.parse_args()
-    if args.device:
-        try:
-            check_device_setting(args.device)
-        except ValueError as exc:
-            parser.error(str(exc))
-        # Through the setting, so the direct predictor and the platform's worker processes agree.
-        os.environ["PERCEPT_DEVICE"] = args.device
-        get_settings.cache_clear()
+    apply_device(parser, args.device)  # the direct predictor and the platform's workers alike
     try:
         device = loaded_predictor().setup().device
     except ValueError as exc:  # a GPU this machine does not have

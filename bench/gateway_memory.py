@@ -12,7 +12,6 @@ Run: .venv/bin/python bench/gateway_memory.py [--megabytes 300] [--device auto]
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 import httpx
+from harness import add_device_argument, free_port, wait_for_gateway
 
 from percept.db.migrate import upgrade
 from percept.db.session import session_scope
@@ -78,25 +78,6 @@ class PeakSampler:
         self.peak = max(self.peak, rss_bytes(self.pid))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_gateway(url: str, gateway: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if gateway.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the gateway did not start")
-        time.sleep(0.1)
-
-
 def mb(size: int, signed: bool = False) -> str:
     return f"{size / 2**20:+.1f} MB" if signed else f"{size / 2**20:.1f} MB"
 
@@ -104,7 +85,7 @@ def mb(size: int, signed: bool = False) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=int, default=300, help="size of the generated dataset zip")
-    parser.add_argument("--device", default=None, help="accepted for uniformity with the other benches; unused")
+    add_device_argument(parser, help="accepted like every bench's; the gateway runs no model")
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="percept-bench-memory-"))

@@ -21,7 +21,6 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+from harness import add_device_argument, free_port, wait_for_gateway
 from sqlalchemy import text
 
 from percept.db.ids import new_id
@@ -80,25 +80,6 @@ OLD_SCRAPE_QUERIES = (
     " FROM jobs WHERE CAST(provenance -> 'timings_ms' ->> 'inference' AS FLOAT) IS NOT NULL"
     " GROUP BY provenance -> 'model' ->> 'name'",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_gateway(url: str, gateway: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if gateway.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the gateway did not start")
-        time.sleep(0.1)
 
 
 def ms(seconds: float) -> str:
@@ -166,7 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="job rows of history")
     parser.add_argument("--scrapes", type=int, default=20, help="steady-state scrapes to time")
-    parser.add_argument("--device", default=None, help="accepted for uniformity with the other benches; unused")
+    add_device_argument(parser, help="accepted like every bench's; the gateway runs no model")
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="percept-bench-metrics-"))

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from harness import add_device_argument, apply_device
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -225,17 +226,10 @@ def calibration_table(scorer: Scorer) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: PERCEPT_DEVICE, else auto)")
+    add_device_argument(parser)
     parser.add_argument("--seeds", type=int, default=10, help="real-photo data seeds per direction (default 10)")
     args = parser.parse_args()
-    if args.device:
-        from percept.devices import check_device_setting  # reads no settings
-
-        try:
-            check_device_setting(args.device)
-        except ValueError as exc:
-            parser.error(str(exc))
-        os.environ["PERCEPT_DEVICE"] = args.device  # before anything reads the settings
+    apply_device(parser, args.device)  # before anything reads the settings
 
     import torch
 

@@ -1,0 +1,55 @@
+"""What the bench scripts share: the `--device` flag and starting a gateway to measure.
+
+Imported by the scripts as `from harness import ...` (they run as `python bench/NAME.py`).
+"""
+
+import argparse
+import os
+import socket
+import subprocess
+import time
+
+import httpx
+
+DEVICE_HELP = "auto, cpu, cuda or cuda:N (default: PERCEPT_DEVICE, else auto)"
+
+
+def add_device_argument(parser: argparse.ArgumentParser, help: str = DEVICE_HELP) -> None:
+    parser.add_argument("--device", help=help)
+
+
+def apply_device(parser: argparse.ArgumentParser, device: str | None) -> None:
+    """Check `--device` and set it as PERCEPT_DEVICE, so this process and the platform's workers agree.
+    Call it before anything reads the settings."""
+    if not device:
+        return
+    from percept.devices import check_device_setting  # reads no settings
+
+    try:
+        check_device_setting(device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    os.environ["PERCEPT_DEVICE"] = device
+    from percept.config import get_settings
+
+    get_settings.cache_clear()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_gateway(url: str, process: subprocess.Popen, timeout: float = 60, path: str = "/healthz") -> None:
+    """Until `url + path` answers 200; raises if `process` (the gateway, or `percept run`) exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + path, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the gateway did not start")
+        time.sleep(0.1)
