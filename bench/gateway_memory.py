@@ -12,8 +12,6 @@ Run: .venv/bin/python bench/gateway_memory.py [--megabytes 300] [--device auto]
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -21,14 +19,13 @@ import zipfile
 from pathlib import Path
 
 import httpx
-from harness import add_device_argument, free_port, wait_for_gateway
+from harness import add_device_argument, start_gateway
 
 from percept.db.migrate import upgrade
 from percept.db.session import session_scope
 from percept.db.tenants import create_key
 from percept.embedded import start_postgres, start_redis
 
-ROOT = Path(__file__).resolve().parent.parent
 FILE_BYTES = 512 * 1024  # one "photo"
 SAMPLE_SECONDS = 0.02
 
@@ -98,15 +95,7 @@ def main() -> None:
         with session_scope(database_url) as session:
             _, key = create_key(session, "bench")
             session.commit()
-        port = free_port()
-        env = {**os.environ, "PERCEPT_DATA_DIR": str(data_dir), "PERCEPT_DATABASE_URL": database_url,
-               "PERCEPT_BROKER_URL": broker_url, "PERCEPT_STORAGE_URL": (data_dir / "objects").as_uri(),
-               "PORT": str(port), "PERCEPT_LOG_LEVEL": "WARNING"}
-        log = (data_dir / "gateway.log").open("ab")
-        gateway = subprocess.Popen([sys.executable, "-m", "percept.cli", "gateway"], env=env, cwd=ROOT,
-                                   stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        wait_for_gateway(url, gateway)
+        gateway, url = start_gateway(data_dir, database_url, broker_url)
 
         # 2. The dataset, on disk (this process does not hold it either: httpx streams the file)
         archive = data_dir / "bench-dataset.zip"

@@ -7,10 +7,13 @@ import argparse
 import os
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 
+ROOT = Path(__file__).resolve().parent.parent
 DEVICE_HELP = "auto, cpu, cuda or cuda:N (default: PERCEPT_DEVICE, else auto)"
 
 
@@ -53,3 +56,17 @@ def wait_for_gateway(url: str, process: subprocess.Popen, timeout: float = 60, p
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError("the gateway did not start")
         time.sleep(0.1)
+
+
+def start_gateway(data_dir: Path, database_url: str, broker_url: str) -> tuple[subprocess.Popen, str]:
+    """`percept gateway` on the given database and broker, objects under data_dir; (process, its URL)."""
+    port = free_port()
+    env = {**os.environ, "PERCEPT_DATA_DIR": str(data_dir), "PERCEPT_DATABASE_URL": database_url,
+           "PERCEPT_BROKER_URL": broker_url, "PERCEPT_STORAGE_URL": (data_dir / "objects").as_uri(),
+           "PORT": str(port), "PERCEPT_LOG_LEVEL": "WARNING"}
+    log = (data_dir / "gateway.log").open("ab")
+    gateway = subprocess.Popen([sys.executable, "-m", "percept.cli", "gateway"], env=env, cwd=ROOT,
+                               stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_gateway(url, gateway)
+    return gateway, url

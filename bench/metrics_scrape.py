@@ -18,18 +18,15 @@ Run: .venv/bin/python bench/metrics_scrape.py [--rows 1000000] [--scrapes 20] [-
 """
 
 import argparse
-import os
 import re
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from harness import add_device_argument, free_port, wait_for_gateway
+from harness import add_device_argument, start_gateway
 from sqlalchemy import text
 
 from percept.db.ids import new_id
@@ -37,7 +34,6 @@ from percept.db.migrate import upgrade
 from percept.db.session import get_engine, session_scope
 from percept.embedded import start_postgres, start_redis
 
-ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("classify", "caption", "detect_faces", "generate")
 MODELS = ("imagenet-efficientnet-lite0", "captioner-merge", "dlib-resnet", "sd-turbo")
 # Jobs that arrive and finish between two steady-state scrapes (a scrape every 15 s at ~7 jobs/s).
@@ -174,15 +170,7 @@ def main() -> None:
               f"min {ms(min(old))}, max {ms(max(old))} over {len(old)} runs")
 
         # 3. The gateway's scrape
-        port = free_port()
-        env = {**os.environ, "PERCEPT_DATA_DIR": str(data_dir), "PERCEPT_DATABASE_URL": database_url,
-               "PERCEPT_BROKER_URL": broker_url, "PERCEPT_STORAGE_URL": (data_dir / "objects").as_uri(),
-               "PORT": str(port), "PERCEPT_LOG_LEVEL": "WARNING"}
-        log = (data_dir / "gateway.log").open("ab")
-        gateway = subprocess.Popen([sys.executable, "-m", "percept.cli", "gateway"], env=env, cwd=ROOT,
-                                   stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        wait_for_gateway(url, gateway)
+        gateway, url = start_gateway(data_dir, database_url, broker_url)
         with httpx.Client(base_url=url, timeout=600) as client:
             started = time.perf_counter()
             first = client.get("/metrics")
