@@ -138,12 +138,18 @@ def iter_dataset(zip_bytes: bytes, limits: DatasetLimits) -> Iterator[DatasetEnt
 
 
 class DatasetAnalyzer:
-    """The `analyze_dataset` job: the report of `analyse_dataset` as the job's output (no model)."""
+    """The `analyze_dataset` job: the dataset's report as the job's output (no model). A zip with a caption
+    file is a captioned-image dataset (percept.captions); any other, class folders."""
 
     def train(self, data: TrainingData, params: dict[str, Any], on_step: StepCallback) -> TrainingResult:
+        from percept.captions import analyse_caption_dataset, is_caption_dataset
+
         if data.archive is None:
             raise ValueError("an analysis job needs a dataset")
-        return TrainingResult(metrics={}, output={"report": analyse_dataset(data.archive, data.limits)})
+        if is_caption_dataset(data.archive, data.limits):
+            return TrainingResult(metrics={}, output={"report": analyse_caption_dataset(data.archive, data.limits)})
+        return TrainingResult(metrics={}, output={"report": {"kind": "classes",
+                                                             **analyse_dataset(data.archive, data.limits)}})
 
 
 def analyse_dataset(zip_bytes: bytes, limits: DatasetLimits) -> dict[str, Any]:
@@ -225,7 +231,10 @@ def dhash(image: Image.Image) -> int:
     return value
 
 
-def _open_manifest(zip_bytes: bytes, limits: DatasetLimits) -> _Manifest:
+def open_checked_zip(zip_bytes: bytes, limits: DatasetLimits
+                     ) -> tuple[zipfile.ZipFile, list[tuple[zipfile.ZipInfo, list[str]]]]:
+    """The archive and its files (entry, path parts), every entry checked before anything is inflated:
+    sizes, compression ratios, paths, links, encryption. Hidden and system files are left out."""
     # 1. Sizes we can see without parsing: a huge central directory costs memory just to list
     if len(zip_bytes) > limits.max_zip_bytes:
         raise ZipTooLarge(f"The zip is {_mb(len(zip_bytes))}: the limit is {_mb(limits.max_zip_bytes)}; "
@@ -259,6 +268,11 @@ def _open_manifest(zip_bytes: bytes, limits: DatasetLimits) -> _Manifest:
                               details={"max_uncompressed_bytes": limits.max_uncompressed_bytes})
         if not _is_system_file(parts):
             files.append((info, parts))
+    return archive, files
+
+
+def _open_manifest(zip_bytes: bytes, limits: DatasetLimits) -> _Manifest:
+    archive, files = open_checked_zip(zip_bytes, limits)
 
     # 4. Labels: the first folder, under one optional wrapper folder (mydata/cats/1.jpg)
     wrapped = len({parts[0] for _, parts in files}) == 1 and any(len(parts) > 2 for _, parts in files)
@@ -341,22 +355,26 @@ def _read_entries(manifest: _Manifest) -> Iterator[DatasetEntry]:
 
 
 def _read_member(archive: zipfile.ZipFile, member: _Member) -> bytes:
+    return read_zip_member(archive, member.info, member.path)
+
+
+def read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> bytes:
     """The member's bytes, never more than its declared size (whose total was checked against the cap)."""
-    budget = member.info.file_size
+    budget = info.file_size
     chunks: list[bytes] = []
     size = 0
     try:
-        with archive.open(member.info) as stream:
+        with archive.open(info) as stream:
             # Ask for one byte past the budget, so a member longer than declared is noticed.
             while chunk := stream.read(min(_READ_CHUNK, budget + 1 - size)):
                 size += len(chunk)
                 if size > budget:
-                    raise ZipTooLarge(f"{member.path!r} holds more data than its header declares: "
-                                      "zip the dataset again.", details={"path": member.path})
+                    raise ZipTooLarge(f"{path!r} holds more data than its header declares: "
+                                      "zip the dataset again.", details={"path": path})
                 chunks.append(chunk)
     except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError) as exc:
-        raise NotAZip(f"The zip is corrupt ({member.path!r} can't be unpacked: {exc}); zip the dataset again.",
-                      details={"path": member.path}) from None
+        raise NotAZip(f"The zip is corrupt ({path!r} can't be unpacked: {exc}); zip the dataset again.",
+                      details={"path": path}) from None
     return b"".join(chunks)
 
 

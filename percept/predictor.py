@@ -93,15 +93,26 @@ class ModelArtifact:
     card: dict[str, Any]
 
 
+class FeatureCache(Protocol):
+    """Bytes a trainer keeps between jobs under keys it chooses (e.g. an encoder's features per image
+    sha256), so retraining on the same photos skips the work. Backed by object storage."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+
 @dataclass
 class TrainingData:
-    """What a training job is given: its dataset zip (untrusted: read it through `percept.datasets`,
-    which applies `limits`) and any registered models named in its inputs."""
+    """What a training job is given: its dataset zip or uploaded archive (untrusted: read it through
+    `percept.datasets`, which applies `limits`), any registered models named in its inputs, and a cache
+    that outlives the job."""
 
     archive: bytes | None
     limits: Any  # percept.datasets.DatasetLimits
     models: list[ModelArtifact] = field(default_factory=list)
     dataset: dict[str, Any] = field(default_factory=dict)  # {"id", "sha256"} of the dataset, if any
+    cache: FeatureCache | None = None
 
 
 @dataclass

@@ -188,3 +188,22 @@ def object_store_from_url(url: str) -> ObjectStore:
             region=query.get("region", [None])[0],
         )
     raise ValueError(f"unsupported storage URL scheme {parsed.scheme!r}: use file:// or s3://")
+
+
+class StoredCache:
+    """A `percept.predictor.FeatureCache` in object storage, under `prefix/`; a miss is None."""
+
+    def __init__(self, store: ObjectStore, prefix: str) -> None:
+        self.store, self.prefix = store, prefix.strip("/")
+
+    def _key(self, key: str) -> str:
+        if not key or ".." in key or key.startswith("/"):
+            raise ValueError(f"not a cache key: {key!r}")
+        return f"{self.prefix}/{key}"
+
+    def get(self, key: str) -> bytes | None:
+        full = self._key(key)
+        return self.store.get(full) if self.store.exists(full) else None
+
+    def put(self, key: str, data: bytes) -> None:
+        self.store.put(self._key(key), data)

@@ -35,7 +35,7 @@ from percept.infra import Infra
 from percept.predictor import JobCanceled, ModelArtifact, ModelInfo, PredictRequest, TrainingData, parse_model_ref
 from percept.queue import publish_job_event, send_job
 from percept.services import catalog, import_by_name
-from percept.storage import object_key_for
+from percept.storage import StoredCache, object_key_for
 from percept.version import code_version, library_versions
 from workers.model_cache import LoadedModel, ModelCache, ModelSource
 
@@ -240,7 +240,8 @@ class JobRuntime:
 
     # 3b. Train: a dataset (or registered models) in, a registered model version out
     def _training_data(self, job: ClaimedJob) -> TrainingData:
-        """The job's dataset zip and the registered models its inputs name, read from storage."""
+        """The job's dataset zip (or an uploaded archive, `object_key`) and the registered models its inputs
+        name, read from storage, and a cache in storage keyed by the job kind's trainer."""
         with session_scope(self.infra.database_url) as session:
             datasets = [dataset_repo.get_dataset_by_id(session, item["dataset_id"])
                         for item in job.inputs if "dataset_id" in item]
@@ -249,8 +250,12 @@ class JobRuntime:
         if None in datasets or None in models:
             raise PerceptError("An input of this job was deleted before it ran.", code="input_not_found")
         dataset = datasets[0] if datasets else None
+        uploads = [item["object_key"] for item in job.inputs if "object_key" in item]
+        archive_key = dataset.object_key if dataset else uploads[0] if uploads else None
+        trainer = catalog().kind(job.kind).trainer or job.kind
         return TrainingData(
-            archive=self.infra.store.get(dataset.object_key) if dataset else None,
+            archive=self.infra.store.get(archive_key) if archive_key else None,
+            cache=StoredCache(self.infra.store, f"cache/{trainer.replace(':', '.')}"),
             limits=DatasetLimits.from_settings(self.infra.settings),
             models=[ModelArtifact(f"{m.name}:{m.version}", self.infra.store.get(m.artifact_key) if m.artifact_key
                                   else b"", m.metrics, m.card) for m in models if m is not None],
