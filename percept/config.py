@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = 500 * 1024 * 1024
     max_dataset_uncompressed_bytes: int = 2 * 1024**3
     max_dataset_files: int = 50_000
+    # Checkpoint zips (POST /v1/models/import): a ViT-GPT2 or BLIP-base captioner is 1 GB in fp32; 2 GiB leaves
+    # room for a large one. The gateway streams it to storage; the worker that validates it holds it in memory.
+    max_import_bytes: int = 2 * 1024**3
 
     # What `percept train ...` and other client commands talk to; the key defaults to embedded
     # mode's dev key (data_dir/dev-api-key).

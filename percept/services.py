@@ -17,6 +17,7 @@ from typing import Any
 SERVICE_MODULES: tuple[str, ...] = (
     "services.classifier.service",
     "services.facerec.service",
+    "services.captioner.service",
 )
 
 # Dataset analysis (POST /v1/datasets) is the platform's own job, run by any worker pool that lists

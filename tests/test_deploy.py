@@ -571,18 +571,22 @@ def test_every_queue_a_job_is_sent_to_is_consumed_by_a_declared_pool():
 # The guards: the checks above fail where they should. Each breaks one thing, in the declarations or
 # in the manifests, and expects the check to notice.
 
+# A pool no service declares (nor ever will: the name is the guards' own).
+UNDECLARED = "undeclared-pool"
+
+
 def an_undeclared_pool() -> tuple[Service, WorkerPool]:
-    pool = WorkerPool("captioner", queues=("captioner",), uses_gpu=True)
-    return Service("captioner", job_kinds=(), workers=(pool,)), pool
+    pool = WorkerPool(UNDECLARED, queues=(UNDECLARED,), uses_gpu=True)
+    return Service(UNDECLARED, job_kinds=(), workers=(pool,)), pool
 
 
 def test_guard_a_pool_declared_without_deployment_fails_every_check():
-    pools = {**POOLS, "captioner": an_undeclared_pool()}
-    with pytest.raises(AssertionError, match="captioner"):
+    pools = {**POOLS, UNDECLARED: an_undeclared_pool()}
+    with pytest.raises(AssertionError, match=UNDECLARED):
         check_k8s_workers(pools, find("Deployment"))
-    with pytest.raises(AssertionError, match="captioner"):
+    with pytest.raises(AssertionError, match=UNDECLARED):
         check_keda_workers(pools, find("Deployment"), find("ScaledObject"))
-    with pytest.raises(AssertionError, match="captioner"):
+    with pytest.raises(AssertionError, match=UNDECLARED):
         check_compose_workers(pools, compose()["services"])
 
 
@@ -629,8 +633,8 @@ def test_guard_broken_worker_deployments_fail_the_check(breakage):
         deployments.remove(deployment)
     elif breakage == "undeclared worker":
         stray = copy.deepcopy(deployment)
-        stray["metadata"]["name"] = "percept-captioner-worker"
-        pod_spec(stray)["containers"][0]["command"] = ["percept", "worker", "captioner"]
+        stray["metadata"]["name"] = f"percept-{UNDECLARED}-worker"
+        pod_spec(stray)["containers"][0]["command"] = ["percept", "worker", UNDECLARED]
         deployments.append(stray)
     elif breakage == "extra celery options":
         container["command"] = [*container["command"], "-Q", "somewhere-else"]
@@ -655,7 +659,9 @@ def test_guard_a_pool_declared_by_an_extra_service_module_needs_its_deployment(t
         "SERVICE = Service('guard', job_kinds=(JobKind('guard_job', queue='guard', task='guard.job'),),\n"
         "                  workers=(WorkerPool('guard', queues=('guard',)),))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PERCEPT_EXTRA_SERVICES", "percept_deploy_guard_service")
+    # Beside any extra services this run already has (PERCEPT_EXTRA_SERVICES), so their pools stay declared.
+    monkeypatch.setenv("PERCEPT_EXTRA_SERVICES", ",".join([*get_settings().extra_services,
+                                                           "percept_deploy_guard_service"]))
     forget_the_declarations()
     try:
         pools = catalog().worker_pools
@@ -703,7 +709,7 @@ def test_guard_broken_scaled_objects_fail_the_check(breakage):
         scaled_objects.remove(mine)
     else:
         stray = copy.deepcopy(mine)
-        stray["spec"]["scaleTargetRef"]["name"] = "percept-captioner-worker"
+        stray["spec"]["scaleTargetRef"]["name"] = f"percept-{UNDECLARED}-worker"
         scaled_objects.append(stray)
     with pytest.raises(AssertionError):
         check_keda_workers(POOLS, find("Deployment"), scaled_objects)
@@ -826,8 +832,8 @@ def test_guard_broken_compose_workers_fail_the_check(breakage):
     if breakage == "pool missing":
         del services[f"worker-{sorted(POOLS)[0]}"]
     elif breakage == "undeclared worker":
-        services["worker-captioner"] = {**services[f"worker-{sorted(POOLS)[0]}"],
-                                        "command": ["percept", "worker", "captioner"]}
+        services[f"worker-{UNDECLARED}"] = {**services[f"worker-{sorted(POOLS)[0]}"],
+                                            "command": ["percept", "worker", UNDECLARED]}
     elif breakage == "wrong pool":
         first, last = sorted(POOLS)[0], sorted(POOLS)[-1]
         services[f"worker-{first}"]["command"] = ["percept", "worker", last]

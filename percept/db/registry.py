@@ -67,3 +67,14 @@ def record_loaded(session: Session, model_id: int, device: str, sha256: str | No
     if sha256 is not None:
         values["weights_sha256"] = sha256
     session.execute(update(Model).where(Model.id == model_id).values(**values))
+
+
+def newest_of_kind(session: Session, tenant_id: str, kind: str) -> Model | None:
+    """The tenant's own model version of `kind` created last (any name)."""
+    return session.scalar(select(Model).where(Model.tenant_id == tenant_id, Model.kind == kind)
+                          .order_by(Model.created_at.desc(), Model.id.desc()).limit(1))
+
+
+def kinds_named(session: Session, tenant_id: str, name: str) -> set[str]:
+    """The kinds of the tenant's own model versions called `name`."""
+    return set(session.scalars(select(Model.kind).where(Model.tenant_id == tenant_id, Model.name == name)))

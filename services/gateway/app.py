@@ -24,7 +24,7 @@ from services.gateway.events import JobEvents
 from services.gateway.intake import validation_message
 from services.gateway.metrics import make_registry
 from services.gateway.ratelimit import TenantRateLimit, WrongKeyLimit, limits_storage
-from services.gateway.routers import classify, faces, health, images, jobs, models, training, webhooks
+from services.gateway.routers import caption, classify, faces, health, images, jobs, models, training, webhooks
 from services.gateway.webhooks import WebhookSender
 
 log = logging.getLogger("percept.gateway")
@@ -41,7 +41,7 @@ def error_response(exc: PerceptError) -> JSONResponse:
 class BodySizeLimit:
     """Refuses a request body over the cap while it streams in, before it reaches disk or memory.
 
-    `max_bytes` applies everywhere but under the path prefixes of `per_path` (dataset zips are larger).
+    `max_bytes` applies everywhere but under the path prefixes of `per_path` (dataset and checkpoint zips are larger).
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None) -> None:
@@ -139,8 +139,8 @@ def create_app(settings: Settings | None = None, infra: Infra | None = None) -> 
 
     app = FastAPI(title="Percept", version="1", lifespan=lifespan,
                   description="Image-AI jobs: classification, captioning, faces and diffusion behind one API.")
-    for router in (health.router, images.router, jobs.router, classify.router, models.router, training.router,
-                   faces.router, webhooks.router):
+    for router in (health.router, images.router, jobs.router, classify.router, caption.router, models.router,
+                   training.router, faces.router, webhooks.router):
         app.include_router(router)
 
     @app.exception_handler(PerceptError)
@@ -167,5 +167,6 @@ def create_app(settings: Settings | None = None, infra: Infra | None = None) -> 
 
     app.add_middleware(RequestLatency)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_image_bytes + BODY_OVERHEAD_BYTES,
-                       per_path={"/v1/datasets": settings.max_dataset_bytes + BODY_OVERHEAD_BYTES})
+                       per_path={"/v1/datasets": settings.max_dataset_bytes + BODY_OVERHEAD_BYTES,
+                                 "/v1/models/import": settings.max_import_bytes + BODY_OVERHEAD_BYTES})
     return app

@@ -138,12 +138,82 @@ class TrainClassifierParams(BaseModel):
     fine_tune: bool = Field(False, description="Also fine-tune the backbone's last block (slower)")
 
 
+class CaptionParams(BaseModel):
+    """Parameters of `POST /v1/caption` (multipart form fields or a JSON body). Limits that depend on the
+    model (`max_length` over its own) are the worker's to check."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=200,
+                              description="Captioner, `name` (latest) or `name:version`; default: your newest "
+                                          "model of kind `caption`")
+    beam_width: int = Field(3, ge=1, le=20, description="Beam search width; 1 is greedy decoding")
+    num_captions: int = Field(1, ge=1, le=20, description="How many distinct captions, best first; at most "
+                                                          "`beam_width`")
+    max_length: int | None = Field(None, ge=1, le=100,
+                                   description="Most words per caption; default: the model's own limit")
+    min_length: int | None = Field(None, ge=0, le=100,
+                                   description="Fewest words per caption (end-of-caption held back until then); "
+                                               "at most `max_length`")
+    length_penalty: float | None = Field(None, ge=0.0, le=5.0,
+                                         description="Beams are ranked by log-prob / length^penalty; 0 ranks by "
+                                                     "log-prob alone, higher favours longer captions; default: "
+                                                     "the model's own (0 for Percept's LSTM captioners)")
+    no_repeat_ngram_size: int = Field(0, ge=0, le=10,
+                                      description="No n-gram of this size occurs twice in a caption; 0: no limit")
+    temperature: float | None = Field(None, gt=0.0, allow_inf_nan=False,
+                                      description="Sample each beam's next word at this temperature (imported "
+                                                  "Hugging Face models; Percept's LSTM captioners decode "
+                                                  "deterministically and refuse it); default: no sampling")
+
+
+class TrainCaptionerParams(BaseModel):
+    """Parameters of `POST /v1/train/captioner`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(description="A caption dataset id from POST /v1/datasets (Flickr8k layout, COCO "
+                                     "captions, or captions.jsonl/csv)")
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name; each training adds a version")
+    architecture: Literal["merge", "inject"] = Field(
+        "merge", description="`merge`: the image joins the LSTM's output; `inject`: the image is the LSTM's "
+                             "first input")
+    epochs: int = Field(20, ge=1, le=500, description="At most this many; early stopping on validation loss")
+    min_word_count: int = Field(2, ge=1, le=1000, description="Rarer words become the unknown token")
+    max_length: int | None = Field(None, ge=3, le=100,
+                                   description="Longest caption in words; default: from the dataset's captions")
+    embedding_dim: int = Field(128, ge=8, le=1024)
+    hidden_size: int = Field(256, ge=8, le=2048)
+    dropout: float = Field(0.3, ge=0.0, le=0.9)
+    batch_size: int = Field(64, ge=1, le=4096)
+    learning_rate: float = Field(0.003, gt=0.0, le=1.0)
+    beam_width: int = Field(3, ge=1, le=20, description="Beam width of the evaluation (BLEU with beam search)")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5,
+                                description="Held out for validation (and again for test) when the dataset "
+                                            "has no split files")
+    patience: int = Field(5, ge=1, le=500, description="Stop after this many epochs without a lower "
+                                                       "validation loss")
+
+
 class EnsembleIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
     members: list[str] = Field(min_length=2, max_length=10,
                                description="Trained classifiers, `name` (latest) or `name:version`")
+
+
+class ModelImportParams(BaseModel):
+    """The form fields of `POST /v1/models/import`, beside the zip (`file`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name; each import adds a version")
+    kind: Literal["caption", "image-to-text", "text-to-image"] = Field(
+        "caption", description="What the checkpoint does: `caption` (or its synonym `image-to-text`, a Hugging "
+                               "Face VisionEncoderDecoderModel or BLIP directory); `text-to-image` (diffusers) "
+                               "is not served yet")
 
 
 class FaceParams(BaseModel):

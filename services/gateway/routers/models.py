@@ -1,11 +1,13 @@
-"""The model registry as clients see it, and ensembles of the tenant's trained classifiers."""
+"""The model registry as clients see it, ensembles of the tenant's trained classifiers, and imported
+checkpoints."""
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
+from services.gateway.intake import file_part, parse_params
 from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
-from services.gateway.schemas import EnsembleIn, ErrorOut, JobOut, ModelOut
+from services.gateway.schemas import EnsembleIn, ErrorOut, JobOut, ModelImportParams, ModelOut, Responses
 from services.gateway.usecases import models
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -25,6 +27,28 @@ async def create_ensemble(body: EnsembleIn, response: Response, session: Session
     each member's validation F1); its output names the model. Serve it with `/v1/classify` like any model."""
     submitted = await run_in_threadpool(models.create_ensemble, session, infra, tenant_id, body.name, body.members,
                                         idempotency_key)
+    return await accepted(response, session, infra, events, tenant_id, submitted, prefer)
+
+
+IMPORT_RESPONSES: Responses = {**JOB_RESPONSES, 409: {"model": ErrorOut}, 413: {"model": ErrorOut},
+                               415: {"model": ErrorOut}}
+
+
+@router.post("/import", status_code=202, response_model=JobOut, responses=IMPORT_RESPONSES)
+async def import_model(request: Request, response: Response, session: SessionDep, infra: InfraDep,
+                       events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
+                       prefer: PreferHeader = None) -> JobOut:
+    """Import a Hugging Face image-to-text checkpoint directory, zipped (multipart `file`, with `name` and
+    optional `kind`, `caption` by default): a job loads it in a captioner worker, captions a test picture and
+    registers `name` version N+1, served by `/v1/caption`. Over the size limit: 413 `import_too_large`; not a
+    zip: 415 `not_a_zip`; a built-in name: 409; `text-to-image`: 422 `kind_not_available_yet`."""
+    # The file part is spooled to a temporary file as it streams in (on disk past 1 MB); it is hashed and
+    # stored from there in chunks, never read whole. Closing the form deletes it.
+    async with request.form(max_files=1, max_fields=10) as form:
+        upload = file_part(form, "checkpoint zip", code="missing_file")
+        params = parse_params(ModelImportParams, {key: value for key, value in form.multi_items() if key != "file"})
+        submitted = await run_in_threadpool(models.import_model, session, infra, tenant_id, params, upload.file,
+                                            upload.size or 0, idempotency_key)
     return await accepted(response, session, infra, events, tenant_id, submitted, prefer)
 
 

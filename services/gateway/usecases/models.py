@@ -1,13 +1,20 @@
-"""The model registry as clients see it, and the jobs that add to it: training and ensembles."""
+"""The model registry as clients see it, and the jobs that add to it: training, ensembles and imports."""
+
+import hashlib
+import zipfile
+from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
+from percept.datasets import NotAZip
 from percept.db import registry
 from percept.db.models import Job, Model
-from percept.errors import Conflict, InvalidInput, NotFound
+from percept.errors import Conflict, ImageTooLarge, InvalidInput, NotFound
 from percept.infra import Infra
 from percept.predictor import parse_model_ref
-from services.gateway.schemas import ModelOut, ModelVersionOut, TrainClassifierParams
+from percept.services import catalog
+from percept.storage import object_key_for
+from services.gateway.schemas import ModelImportParams, ModelOut, ModelVersionOut, TrainClassifierParams
 from services.gateway.usecases.datasets import ready_dataset
 from services.gateway.usecases.jobs import JobRequest, submit_job
 
@@ -16,6 +23,11 @@ TRAIN_CLASSIFIER = "train_classifier"
 BUILD_ENSEMBLE = "build_ensemble"
 # Ensembles combine models that answer this kind.
 CLASSIFY = "classify"
+# POST /v1/models/import: the registry kind an import's `kind` names, and the job kind (declared by the service
+# that serves such models) that validates the checkpoint by loading it in one of that service's workers.
+IMPORT_KINDS = {"caption": "caption", "image-to-text": "caption"}
+IMPORT_JOBS = {"caption": "import_captioner"}
+HASH_CHUNK_BYTES = 1024 * 1024
 
 
 def _grouped(rows: list[Model]) -> list[ModelOut]:
@@ -89,3 +101,48 @@ def create_ensemble(session: Session, infra: Infra, tenant_id: str, name: str, m
     inputs = [{"model_id": m.id, "ref": ref, "sha256": m.weights_sha256} for m, ref in zip(members, refs, strict=True)]
     return submit_job(session, infra, tenant_id, JobRequest(
         kind=BUILD_ENSEMBLE, params={"name": name, "members": refs}, inputs=inputs, idempotency_key=idempotency_key))
+
+
+def import_model(session: Session, infra: Infra, tenant_id: str, params: ModelImportParams, upload: BinaryIO,
+                 size: int, idempotency_key: str | None) -> tuple[Job, bool]:
+    """Store an uploaded checkpoint zip (read in chunks from the spooled upload, never whole) and submit the job
+    that loads it in the serving service's worker and registers `name` version N+1."""
+    # 1. What the request asks for, checked before anything is stored
+    if params.kind == "text-to-image":
+        raise InvalidInput("Importing text-to-image (diffusers) pipelines is not available yet: the diffusion "
+                           "service comes later. Image-to-text checkpoints import with kind `caption`.",
+                           code="kind_not_available_yet", details={"kind": params.kind})
+    model_kind = IMPORT_KINDS[params.kind]
+    job_kind = IMPORT_JOBS[model_kind]
+    if job_kind not in catalog().job_kinds:
+        raise InvalidInput(f"This deployment runs no service that serves {model_kind!r} models, so none can be "
+                           "imported.", code="kind_not_available_yet", details={"kind": params.kind})
+    _check_name_free(session, params.name)
+    other_kinds = {m.kind for m in registry.model_versions(session, tenant_id, params.name)} - {model_kind}
+    if other_kinds:
+        raise Conflict(f"Your model {params.name!r} is a {sorted(other_kinds)[0]} model; import the checkpoint "
+                       "under another name.", code="model_kind_mismatch",
+                       details={"name": params.name, "kind": sorted(other_kinds)[0]})
+
+    # 2. What can be checked without unpacking: the size, and that it is a zip at all
+    cap = infra.settings.max_import_bytes
+    if size > cap:
+        raise ImageTooLarge(f"The checkpoint zip is larger than {cap // 2**20} MB; import a smaller checkpoint.",
+                            code="import_too_large", details={"max_bytes": cap})
+    if not zipfile.is_zipfile(upload):  # finds the central directory's end record, reading only the tail
+        raise NotAZip("The upload is not a readable zip archive: zip the checkpoint directory that "
+                      "`save_pretrained` wrote (config.json, weights, tokenizer and preprocessor files).")
+
+    # 3. Store it under its content address; the job reads it from there
+    upload.seek(0)
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: upload.read(HASH_CHUNK_BYTES), b""):
+        digest.update(chunk)
+    sha256 = digest.hexdigest()
+    key = object_key_for(sha256, prefix="imports")
+    if not infra.store.exists(key):
+        upload.seek(0)
+        infra.store.put_file(key, upload, size, content_type="application/zip")
+    return submit_job(session, infra, tenant_id, JobRequest(
+        kind=job_kind, params={"name": params.name, "kind": model_kind},
+        inputs=[{"object_key": key, "sha256": sha256}], idempotency_key=idempotency_key))

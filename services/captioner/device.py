@@ -1,0 +1,19 @@
+"""Where the captioner's torch models run: PERCEPT_DEVICE, resolved once per process."""
+
+from functools import cache
+
+import torch
+
+from percept.config import get_settings
+from percept.devices import Device, choose_device
+
+
+@cache
+def torch_device() -> Device:
+    """The device every captioner model and training run uses in this process."""
+    return choose_device(get_settings().device, torch.cuda)
+
+
+def serving_device(requested: str) -> str:
+    """The worker's start-up check (the declaration's `device`): the device described, or ValueError."""
+    return choose_device(requested, torch.cuda).description

@@ -1,0 +1,31 @@
+"""Image captioning with a tenant's own captioner (trained here or imported): beam search, best first."""
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
+from services.gateway.intake import read_job_request
+from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
+from services.gateway.schemas import CaptionParams, JobOut
+from services.gateway.usecases import captions
+
+router = APIRouter(prefix="/v1", tags=["caption"])
+
+
+@router.post("/caption", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
+             openapi_extra={"requestBody": {"content": {
+                 "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+                     "image": {"type": "string", "format": "binary", "description": "file, or an image id"},
+                     **CaptionParams.model_json_schema()["properties"]}}},
+                 "application/json": {"schema": {"type": "object", "required": ["image"], "properties": {
+                     "image": {"type": "string", "description": "an image id"},
+                     **CaptionParams.model_json_schema()["properties"]}}}}}})
+async def caption(request: Request, response: Response, session: SessionDep, infra: InfraDep, events: EventsDep,
+                  tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
+                  prefer: PreferHeader = None) -> JobOut:
+    """Caption an image: output `{"captions": [{"text", "log_prob", "tokens"}]}`, best first, distinct. No
+    captioner of yours yet: 404 `no_captioner`."""
+    params, inputs = await read_job_request(request, session, infra, tenant_id, CaptionParams, ("image",))
+    submitted = await run_in_threadpool(captions.caption, session, infra, tenant_id, params, inputs,
+                                        idempotency_key)
+    return await accepted(response, session, infra, events, tenant_id, submitted, prefer)
