@@ -1,19 +1,22 @@
-"""LSTM captioner figures on synthetic captioned scenes (tests/scenes.py), the trainer and predictor called
-directly (not through the gateway: the platform path is classification's bench; this one measures the model).
+"""LSTM captioner figures on synthetic captioned scenes (tests/scenes.py): the trainer and predictor called
+directly, then the same through the API of a `percept run` platform.
 
 Run: .venv/bin/python bench/captioner.py [--device auto|cpu|cuda|cuda:N] [--images 600] [--epochs 10]
+     [--api-seconds 15]
 
 Prints: the training job's feature pass (the frozen encoder) and decoder epochs, per epoch and per 1,000
 images; the BLEU table; the feature-cache hit rate and time of a retrain on the same photos; captions per
-second, greedy and beam-3, at batch 1 and batch 16.
+second, greedy and beam-3, at batch 1 and batch 16 (direct), and at 1 and 16 concurrent API clients.
 """
 
 import argparse
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from harness import add_device_argument, apply_device
+import httpx
+from harness import add_device_argument, apply_device, running_platform
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -50,6 +53,8 @@ def main() -> None:
     add_device_argument(parser)
     parser.add_argument("--images", type=int, default=600, help="scenes in the zip (75%% train, 12.5%% dev, test)")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--api-seconds", type=float, default=15.0,
+                        help="seconds per API measurement (0: skip the API part)")
     args = parser.parse_args()
     apply_device(parser, args.device)
 
@@ -103,6 +108,55 @@ def main() -> None:
         greedy = captions_per_second(predictor, images, batch_size, beam_width=1)
         beam = captions_per_second(predictor, images, batch_size, beam_width=3)
         print(f"  batch {batch_size:>2}: greedy {greedy:6.1f}/s, beam-3 {beam:6.1f}/s")
+
+    # 4. Through the API: `percept run`, a captioner trained there on the same scenes, then POST /v1/caption
+    if args.api_seconds > 0:
+        api_figures(zip_bytes, [scene.image for scene in make_scenes(32, seed=1)], args.epochs, args.api_seconds)
+
+
+def api_figures(zip_bytes: bytes, photos: list[bytes], epochs: int, seconds: float) -> None:
+    with running_platform() as (url, key, _):
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as client:
+            dataset = client.post("/v1/datasets", files={"file": ("scenes.zip", zip_bytes)}).json()
+            while dataset["status"] == "analyzing":
+                client.get(f"/v1/jobs/{dataset['job_id']}", headers={"Prefer": "wait=10"})
+                dataset = client.get(f"/v1/datasets/{dataset['id']}").json()
+            job = client.post("/v1/train/captioner", json={"dataset": dataset["id"], "name": "bench", "epochs": epochs,
+                                                           "min_word_count": 1}).json()
+            while job["status"] in ("queued", "running"):
+                job = client.get(f"/v1/jobs/{job['id']}", headers={"Prefer": "wait=30"}).json()
+            if job["status"] != "succeeded":
+                raise RuntimeError(f"training through the API did not succeed: {job['error']}")
+            ids = [client.post("/v1/images", files={"file": ("s.jpg", photo)}).json()["id"] for photo in photos]
+        print("captions per second through the API (percept run; the captioner trained there on the same scenes):")
+        for beam_width in (1, 3):
+            for clients in (1, 16):
+                rate, device = api_rate(url, key, ids, beam_width, clients, seconds)
+                print(f"  {'greedy' if beam_width == 1 else 'beam-3'}, {clients:>2} concurrent clients: "
+                      f"{rate:6.1f}/s (worker device {device})")
+
+
+def api_rate(url: str, key: str, image_ids: list[str], beam_width: int, clients: int, seconds: float
+             ) -> tuple[float, str]:
+    stop_at = time.perf_counter() + seconds
+    devices: set[str] = set()
+
+    def hammer(offset: int) -> int:
+        count = 0
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
+            while time.perf_counter() < stop_at:
+                body = {"image": image_ids[(offset + count) % len(image_ids)], "beam_width": beam_width}
+                job = client.post("/v1/caption", json=body, headers={"Prefer": "wait=30"}).json()
+                if job.get("status") != "succeeded":
+                    raise RuntimeError(f"caption job did not succeed: {job}")
+                devices.add(job["provenance"]["worker"]["device"])
+                count += 1
+        return count
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = sum(pool.map(hammer, range(clients)))
+    return done / (time.perf_counter() - started), ", ".join(sorted(devices))
 
 
 if __name__ == "__main__":

@@ -10,23 +10,16 @@ environment's PERCEPT_DEVICE, else auto); the device each side used is printed.
 import argparse
 import functools
 import os
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from io import BytesIO
-from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import torch
-from harness import add_device_argument, apply_device, free_port, wait_for_gateway
+from harness import add_device_argument, apply_device, running_platform
 from PIL import Image
 from skimage import data
 
@@ -61,27 +54,6 @@ def direct_throughput(batch_size: int, seconds: float = 5.0) -> float:
 
 
 # --- Through the API: the whole platform, as `percept run` starts it -------------------------------------------
-
-@contextmanager
-def running_platform():
-    """`percept run` in a temporary data dir; yields (base URL, API key, gateway process)."""
-    data_dir = Path(tempfile.mkdtemp(prefix="percept-bench-"))
-    port = free_port()
-    env = {**os.environ, "PERCEPT_DATA_DIR": str(data_dir), "PORT": str(port), "PERCEPT_LOG_LEVEL": "WARNING"}
-    runner = subprocess.Popen([sys.executable, "-m", "percept.cli", "run"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_gateway(url, runner, timeout=120, path="/readyz")
-        key = (data_dir / "dev-api-key").read_text().strip()
-        gateway = next(p for p in psutil.Process(runner.pid).children()
-                       if "gateway" in " ".join(p.cmdline()))
-        yield url, key, gateway
-    finally:
-        runner.send_signal(signal.SIGINT)
-        runner.wait(60)
-        shutil.rmtree(data_dir, ignore_errors=True)
-
 
 def classify_job(client: httpx.Client, image_id: str) -> dict:
     job = client.post("/v1/classify", json={"image": image_id}, headers={"Prefer": "wait=30"}).json()

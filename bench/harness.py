@@ -5,13 +5,19 @@ Imported by the scripts as `from harness import ...` (they run as `python bench/
 
 import argparse
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE_HELP = "auto, cpu, cuda or cuda:N (default: PERCEPT_DEVICE, else auto)"
@@ -70,3 +76,24 @@ def start_gateway(data_dir: Path, database_url: str, broker_url: str) -> tuple[s
     url = f"http://127.0.0.1:{port}"
     wait_for_gateway(url, gateway)
     return gateway, url
+
+
+@contextmanager
+def running_platform() -> Iterator[tuple[str, str, psutil.Process]]:
+    """`percept run` in a temporary data dir; yields (base URL, API key, gateway process)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="percept-bench-"))
+    port = free_port()
+    env = {**os.environ, "PERCEPT_DATA_DIR": str(data_dir), "PORT": str(port), "PERCEPT_LOG_LEVEL": "WARNING"}
+    runner = subprocess.Popen([sys.executable, "-m", "percept.cli", "run"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_gateway(url, runner, timeout=120, path="/readyz")
+        key = (data_dir / "dev-api-key").read_text().strip()
+        gateway = next(p for p in psutil.Process(runner.pid).children()
+                       if "gateway" in " ".join(p.cmdline()))
+        yield url, key, gateway
+    finally:
+        runner.send_signal(signal.SIGINT)
+        runner.wait(60)
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -105,6 +105,19 @@ def read_caption_dataset(zip_bytes: bytes, limits: DatasetLimits) -> list[Captio
     return sorted(found, key=lambda image: image.name)
 
 
+def read_dataset_file(zip_bytes: bytes, limits: DatasetLimits, path: str) -> bytes | None:
+    """The bytes of the file at `path` inside the dataset zip (a trainer's extra input: word vectors, an
+    encoder), read with the dataset's zip checks; None when the zip holds no such file."""
+    wanted = path.replace("\\", "/").lstrip("/")
+    wanted = wanted[2:] if wanted.startswith("./") else wanted
+    archive, files = open_checked_zip(zip_bytes, limits)
+    with archive:
+        for info, parts in files:
+            if "/".join(parts) == wanted:
+                return read_zip_member(archive, info, wanted)
+    return None
+
+
 def analyse_caption_dataset(zip_bytes: bytes, limits: DatasetLimits,
                             min_word_count: int = DEFAULT_MIN_WORD_COUNT) -> dict[str, Any]:
     """The dataset report: images, captions, captions per image, vocabulary at `min_word_count`, caption

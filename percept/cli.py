@@ -4,28 +4,45 @@ It starts the gateway and the workers by name, as programs, the way the gateway 
 the core imports no service.
 """
 
+import hashlib
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
 from percept.config import get_settings
-from percept.infra import resolve_infra
+from percept.infra import Infra, resolve_infra
+
+if TYPE_CHECKING:
+    from percept.db.models import Job
 
 app = typer.Typer(help="Percept: image-AI jobs behind one REST API.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 train_app = typer.Typer(help="Train models on your own data (through the API).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+models_app = typer.Typer(help="The model registry, for operators (straight to the database and storage).",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
 console = Console()
 
 DEV_TENANT = "dev"
+# Example captions `percept train captioner` prints under its BLEU table.
+EXAMPLES_SHOWN = 3
+# `percept models import --kind`: the job kind (declared by the service that serves such models) that validates
+# and registers the checkpoint, as POST /v1/models/import submits it.
+IMPORT_JOB_KINDS = {"caption": "import_captioner"}
+JOB_POLL_SECONDS = 0.5  # `percept models import` reads its job this often while it waits
 
 
 def _logging() -> None:
@@ -176,6 +193,70 @@ def _checked(response) -> dict:
     return response.json()
 
 
+def _analysed_dataset(client, archive_path: Path, kind: str, refusal: str) -> dict:
+    """Upload the zip (streamed from the file), wait for its analysis job and return the ready dataset; exit 1
+    when the analysis fails or finds a dataset of another `kind` than the training needs."""
+    with archive_path.open("rb") as archive, console.status(f"uploading {archive_path.name}"):
+        uploaded = _checked(client.post("/v1/datasets", files={"file": (archive_path.name, archive)}))
+    with console.status("analysing the dataset (a job on the datasets queue)"):
+        while uploaded["status"] == "analyzing":
+            _checked(client.get(f"/v1/jobs/{uploaded['job_id']}", headers={"Prefer": "wait=5"}))
+            uploaded = _checked(client.get(f"/v1/datasets/{uploaded['id']}"))
+    if uploaded["status"] != "ready":
+        error = uploaded.get("error") or {}
+        console.print(f"[red]dataset refused: {error.get('code', '')}: {error.get('message', '')}[/]")
+        raise typer.Exit(1)
+    found = uploaded["report"].get("kind")
+    if found != kind:
+        console.print(f"[red]dataset refused: {archive_path.name} is a {found!r} dataset, not {kind!r}. {refusal}[/]")
+        raise typer.Exit(1)
+    return uploaded
+
+
+def _followed_job(client, job: dict, title: str, total: int, describe: Callable[[dict], dict[str, Any]]) -> dict:
+    """Long-poll the job with a progress bar (`describe` turns the running job's `progress` into the bar's
+    update); return it succeeded, or print its error and exit 1."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task(title, total=total, stats="queued")
+        while job["status"] in ("queued", "running"):
+            job = _checked(client.get(f"/v1/jobs/{job['id']}", headers={"Prefer": "wait=2"}))
+            if job["status"] == "running":
+                progress.update(bar, **describe(job["progress"]))
+        progress.update(bar, completed=progress.tasks[0].total)
+    if job["status"] != "succeeded":
+        console.print(f"[red]{title}: {job['status']}: {(job.get('error') or {}).get('message', '')}[/]")
+        raise typer.Exit(1)
+    return job
+
+
+def _classifier_progress(done: dict) -> dict[str, Any]:
+    if done.get("phase") == "features":
+        return {"stats": f"backbone features {done['done']}/{done['total']}"}
+    if "loss" in done:
+        return {"completed": done["done"], "total": done["total"],
+                "stats": f"loss {done['loss']:.3f}  val_loss {done.get('val_loss', 0):.3f}  "
+                         f"val_acc {done.get('val_accuracy', 0):.2f}"}
+    return {}
+
+
+def _captioner_progress(done: dict) -> dict[str, Any]:
+    if done.get("stage") == "features":
+        return {"stats": f"encoder features {done['done']}/{done['total']}"}
+    if done.get("stage") != "train":
+        return {}
+    # `done`/`total` count batches over all epochs; the bar counts epochs (early stopping ends it sooner).
+    update: dict[str, Any] = {"completed": done["epochs"] * done["done"] / max(done["total"], 1),
+                              "total": done["epochs"]}
+    if "loss" in done:  # an epoch's end
+        bleu = f"  dev BLEU-4 {done['dev_bleu4']:.3f}" if "dev_bleu4" in done else ""
+        update["stats"] = (f"epoch {done['epoch']}/{done['epochs']}  loss {done['loss']:.3f}  "
+                           f"val_loss {done['val_loss']:.3f}{bleu}")
+    return update
+
+
 @train_app.command("classifier")
 def train_classifier(
     dataset: Path = typer.Argument(..., exists=True, dir_okay=False, help="A zip with one folder per class"),
@@ -191,20 +272,11 @@ def train_classifier(
     key: str | None = typer.Option(None, help="API key (default PERCEPT_API_KEY, or the dev key)"),
 ) -> None:
     """Upload DATASET, train a classifier on it with a progress bar, then print its metrics."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     with _api_client(url, key) as client:
-        with dataset.open("rb") as archive, console.status(f"uploading {dataset.name}"):
-            uploaded = _checked(client.post("/v1/datasets", files={"file": (dataset.name, archive)}))
-        with console.status("analysing the dataset (a job on the datasets queue)"):
-            while uploaded["status"] == "analyzing":
-                _checked(client.get(f"/v1/jobs/{uploaded['job_id']}", headers={"Prefer": "wait=5"}))
-                uploaded = _checked(client.get(f"/v1/datasets/{uploaded['id']}"))
-        if uploaded["status"] != "ready":
-            error = uploaded.get("error") or {}
-            console.print(f"[red]dataset refused: {error.get('code', '')}: {error.get('message', '')}[/]")
-            raise typer.Exit(1)
+        uploaded = _analysed_dataset(client, dataset, "classes", "A classifier trains on one folder per class; "
+                                     "train a captioner with `percept train captioner`.")
         summary = uploaded["report"]
         counts = ", ".join(f"{label} {count}" for label, count in summary["classes"].items())
         console.print(f"dataset {uploaded['id']}: {summary['num_images']} images ({counts})")
@@ -214,22 +286,7 @@ def train_classifier(
             "dataset": uploaded["id"], "name": name, "balance": balance, "augment": augment, "epochs": epochs,
             "val_fraction": val_fraction, "target_precision": target_precision, "seed": seed,
             "fine_tune": fine_tune}))
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
-                      TimeElapsedColumn(), console=console) as progress:
-            bar = progress.add_task(f"training {name}", total=epochs, stats="preparing features")
-            while job["status"] in ("queued", "running"):
-                job = _checked(client.get(f"/v1/jobs/{job['id']}", headers={"Prefer": "wait=2"}))
-                done = job["progress"]
-                if done.get("phase") == "features":
-                    progress.update(bar, stats=f"backbone features {done['done']}/{done['total']}")
-                elif job["status"] == "running" and "loss" in done:
-                    progress.update(bar, completed=done["done"], total=done["total"],
-                                    stats=f"loss {done['loss']:.3f}  val_loss {done.get('val_loss', 0):.3f}  "
-                                          f"val_acc {done.get('val_accuracy', 0):.2f}")
-            progress.update(bar, completed=progress.tasks[0].total)
-        if job["status"] != "succeeded":
-            console.print(f"[red]training {job['status']}: {(job.get('error') or {}).get('message', '')}[/]")
-            raise typer.Exit(1)
+        job = _followed_job(client, job, f"training {name}", epochs, _classifier_progress)
         metrics, model = job["output"]["metrics"], job["output"]["model"]
         table = Table(title=f"{model['name']} version {model['version']} (validation set)")
         for column in ("class", "precision", "recall", "F1", "support"):
@@ -241,6 +298,183 @@ def train_classifier(
         console.print(f"macro F1 {metrics['macro_f1']:.3f}; unknown below {metrics['threshold']:.3f} "
                       f"(precision {metrics.get('precision_at_threshold', 0):.3f} at coverage "
                       f"{metrics.get('coverage', 0):.2f}, target {metrics['target_precision']})")
+
+
+@train_app.command("captioner")
+def train_captioner(
+    dataset: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                   help="A zip of captioned images: Flickr8k layout, COCO captions, "
+                                        "captions.jsonl or captions.csv"),
+    name: str = typer.Option(..., help="Model name; each training adds a version"),
+    architecture: str = typer.Option("merge", help="merge (the image joins the LSTM's output) | inject (the image "
+                                                   "is the LSTM's first input)"),
+    epochs: int = typer.Option(20, help="At most this many; early stopping on the validation loss"),
+    min_word_count: int = typer.Option(2, help="Rarer words become the unknown token"),
+    beam_width: int = typer.Option(3, help="Beam width of the evaluation (BLEU with beam search)"),
+    seed: int = typer.Option(0),
+    url: str | None = typer.Option(None, help="API base URL (default PERCEPT_API_URL)"),
+    key: str | None = typer.Option(None, help="API key (default PERCEPT_API_KEY, or the dev key)"),
+) -> None:
+    """Upload DATASET, train an LSTM captioner on it with a progress bar, then print its test BLEU and examples."""
+    from rich.table import Table
+
+    with _api_client(url, key) as client:
+        uploaded = _analysed_dataset(client, dataset, "captions", "A captioner trains on captioned images (Flickr8k "
+                                     "layout, COCO captions, captions.jsonl/csv); train a classifier on class "
+                                     "folders with `percept train classifier`.")
+        summary = uploaded["report"]
+        splits = ", ".join(f"{split} {count}" for split, count in summary.get("splits", {}).items())
+        console.print(f"dataset {uploaded['id']} ({summary['layout']}): {summary['num_images']} images, "
+                      f"{summary['num_captions']} captions" + (f" ({splits})" if splits else ""))
+        for warning in summary.get("warnings", []):
+            console.print(f"[yellow]warning:[/] {warning}")
+        job = _checked(client.post("/v1/train/captioner", json={
+            "dataset": uploaded["id"], "name": name, "architecture": architecture, "epochs": epochs,
+            "min_word_count": min_word_count, "beam_width": beam_width, "seed": seed}))
+        job = _followed_job(client, job, f"training {name}", epochs, _captioner_progress)
+        output, model = job["output"], job["output"]["model"]
+        bleu = output["bleu"]
+        table = Table(title=f"{model['name']} version {model['version']} (test set BLEU)")
+        for column in ("decoding", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"):
+            table.add_column(column, justify="left" if column == "decoding" else "right")
+        for decoding, label in (("greedy", "greedy"), ("beam", f"beam-{bleu['beam_width']}")):
+            table.add_row(label, *(f"{score:.3f}" for score in bleu[decoding]))
+        console.print(table)
+        for example in output.get("examples", [])[:EXAMPLES_SHOWN]:
+            console.print(f"[bold]{example['image']}[/]", highlight=False)
+            for reference in example["references"]:
+                console.print(f"  reference  {reference}", style="dim", highlight=False)
+            console.print(f"  greedy     {example['greedy']}", highlight=False)
+            console.print(f"  beam       {example['beam']}", highlight=False)
+
+
+def _checkpoint_zip(checkpoint: Path, scratch: Path) -> Path:
+    """The checkpoint as a zip file: itself, or the directory zipped into `scratch` (on disk, never in memory)."""
+    if checkpoint.is_file():
+        if not zipfile.is_zipfile(checkpoint):
+            console.print(f"[red]{checkpoint} is not a zip: pass the checkpoint directory or its zip.[/]")
+            raise typer.Exit(2)
+        return checkpoint
+    archive_path = scratch / "checkpoint.zip"
+    with zipfile.ZipFile(archive_path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(checkpoint.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(checkpoint).as_posix())
+    return archive_path
+
+
+def _submitted_import(infra: Infra, tenant: str, name: str, model_kind: str, job_kind: str,
+                      archive_path: Path) -> "Job":
+    """Store the zip under its content address, record the job for the tenant and send it; returns the job."""
+    from percept.db import jobs as job_repo
+    from percept.db import registry
+    from percept.db.session import session_scope
+    from percept.db.tenants import tenant_named
+    from percept.errors import DependencyUnavailable
+    from percept.queue import send_job
+    from percept.services import catalog
+    from percept.storage import import_key_for
+
+    # 1. The bytes, where the gateway's upload of the same zip would be
+    with archive_path.open("rb") as archive:
+        sha256 = hashlib.file_digest(archive, "sha256").hexdigest()
+        key, size = import_key_for(sha256), archive_path.stat().st_size
+        if not infra.store.exists(key):
+            archive.seek(0)
+            infra.store.put_file(key, archive, size, content_type="application/zip")
+    # 2. The job row, committed before it is sent
+    with session_scope(infra.database_url) as session:
+        tenant_id = tenant_named(session, tenant).id
+        if registry.is_builtin_name(session, name):
+            console.print(f"[red]{name!r} is a built-in model; choose another name.[/]")
+            raise typer.Exit(1)
+        other_kinds = {m.kind for m in registry.model_versions(session, tenant_id, name)} - {model_kind}
+        if other_kinds:
+            console.print(f"[red]{tenant}'s model {name!r} is a {sorted(other_kinds)[0]} model; import the "
+                          "checkpoint under another name.[/]")
+            raise typer.Exit(1)
+        job = job_repo.queued_job(tenant_id, job_kind, catalog().kind(job_kind).queue,
+                                  {"name": name, "kind": model_kind}, [{"object_key": key, "sha256": sha256}])
+        job_repo.add_job(session, job)
+        session.commit()
+    # 3. Sent; a broker that refuses it ends the job, so a late delivery cannot run it
+    try:
+        send_job(infra.broker_url, job_kind, job.id)
+    except DependencyUnavailable:
+        with session_scope(infra.database_url) as session:
+            job_repo.fail_unsent(session, job.id, "The job queue was unreachable; nothing was run.")
+            session.commit()
+        raise
+    return job
+
+
+def _finished_job(database_url: str, job: "Job", timeout: float) -> "Job | None":
+    """The job once terminal, read from the database in a short session per look; None after `timeout` s."""
+    from percept.db import jobs as job_repo
+    from percept.db.models import JobStatus
+    from percept.db.session import session_scope
+
+    deadline = time.monotonic() + timeout
+    with console.status(f"job {job.id} on the {job.queue} queue") as status:
+        while time.monotonic() < deadline:
+            with session_scope(database_url) as session:
+                found = job_repo.get_job(session, job.tenant_id, job.id)
+            assert found is not None  # job rows are never deleted
+            job = found
+            if JobStatus(job.status).is_terminal():
+                return job
+            stage = (job.progress or {}).get("stage")
+            status.update(f"job {job.id}: {job.status}" + (f" ({stage})" if stage else ""))
+            time.sleep(JOB_POLL_SECONDS)
+    return None
+
+
+@models_app.command("import")
+def import_model(
+    checkpoint: Path = typer.Argument(..., exists=True, help="A checkpoint directory (what `save_pretrained` "
+                                                             "wrote) or a zip of one"),
+    name: str = typer.Option(..., help="Model name; each import adds a version"),
+    tenant: str = typer.Option(..., help="The tenant the model is registered for (made if new)"),
+    kind: str = typer.Option("caption", help="caption: a Hugging Face image-to-text checkpoint"),
+    timeout: float = typer.Option(600, help="Seconds to wait for the validation job"),
+) -> None:
+    """Import a checkpoint for TENANT without an upload: store it, run the job that loads it in the serving
+    service's worker, and print the registered name and version."""
+    from percept.errors import PerceptError
+    from percept.services import catalog
+
+    job_kind = IMPORT_JOB_KINDS.get(kind)
+    if job_kind is None or job_kind not in catalog().job_kinds:
+        console.print(f"[red]No service of this deployment imports {kind!r} models (kinds: "
+                      f"{', '.join(k for k, j in IMPORT_JOB_KINDS.items() if j in catalog().job_kinds)}).[/]")
+        raise typer.Exit(2)
+    settings = get_settings()
+    infra = resolve_infra(settings)
+    try:
+        with tempfile.TemporaryDirectory(prefix="percept-import-") as scratch:
+            archive_path = _checkpoint_zip(checkpoint, Path(scratch))
+            if archive_path.stat().st_size > settings.max_import_bytes:
+                console.print(f"[red]The checkpoint zip is larger than {settings.max_import_bytes // 2**20} MB "
+                              "(PERCEPT_MAX_IMPORT_BYTES).[/]")
+                raise typer.Exit(1)
+            job = _submitted_import(infra, tenant, name, kind, job_kind, archive_path)
+        done = _finished_job(infra.database_url, job, timeout)
+    except PerceptError as exc:
+        console.print(f"[red]{exc.code}: {exc.message}[/]")
+        raise typer.Exit(1) from None
+    finally:
+        infra.close()
+    if done is None:
+        console.print(f"[red]job {job.id} did not finish within {timeout:g} s; it goes on "
+                      f"(GET /v1/jobs/{job.id} shows it).[/]")
+        raise typer.Exit(1)
+    if done.status != "succeeded":
+        error = done.error or {}
+        console.print(f"[red]import {done.status}: {error.get('code', '')}: {error.get('message', '')}[/]")
+        raise typer.Exit(1)
+    model = (done.output or {})["model"]
+    console.print(f"tenant [bold]{tenant}[/]: registered [bold]{model['name']}[/] version "
+                  f"[bold]{model['version']}[/] (job {done.id})", highlight=False)
 
 
 if __name__ == "__main__":

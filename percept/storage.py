@@ -21,6 +21,12 @@ def object_key_for(sha256: str, prefix: str = "images") -> str:
     return f"{prefix}/{sha256[:2]}/{sha256[2:4]}/{sha256}"
 
 
+def import_key_for(sha256: str) -> str:
+    """Where an imported checkpoint zip is kept: the gateway's upload and `percept models import` name the
+    same bytes the same way, so both store them once."""
+    return object_key_for(sha256, prefix="imports")
+
+
 class ObjectStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
 

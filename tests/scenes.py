@@ -181,3 +181,16 @@ def scenes_zip(n_images: int, seed: int, size: int = 96, split: tuple[int, int, 
                 names = "".join(f"{scene.name}\n" for scene in scenes[start:stop])
                 archive.writestr(zipfile.ZipInfo(filename, date_time=(2024, 1, 1, 0, 0, 0)), names)
     return buffer.getvalue()
+
+
+def add_files(zip_bytes: bytes, files: dict[str, bytes]) -> bytes:
+    """The zip with `files` (path -> bytes) added: a dataset carrying a trainer's extra inputs (word
+    vectors, an encoder) beside the same photos."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(zip_bytes)) as source, \
+            zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for info in source.infolist():
+            archive.writestr(info, source.read(info))
+        for path, data in files.items():
+            archive.writestr(zipfile.ZipInfo(path, date_time=(2024, 1, 1, 0, 0, 0)), data)
+    return buffer.getvalue()

@@ -11,6 +11,7 @@ from sqlalchemy import Float, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from percept.db.ids import new_id
 from percept.db.models import Job, JobStatus
 from percept.db.session import rowcount
 
@@ -29,6 +30,16 @@ def child_ids(session: Session, job_id: str) -> list[str]:
 def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
     """The tenant's job of this key, however old: a key stays bound to its job (the unique index says so)."""
     return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def queued_job(tenant_id: str, kind: str, queue: str, params: dict[str, Any], inputs: list[dict[str, Any]], *,
+               idempotency_key: str | None = None, request_hash: str | None = None) -> Job:
+    """A new job row as every submission makes it (the gateway's, and `percept models import`'s), not yet added."""
+    return Job(id=new_id("job"), tenant_id=tenant_id, kind=kind, queue=queue, status=JobStatus.QUEUED,
+               model_name=params.get("model", params.get("name")), params=params, inputs=inputs,
+               progress={"done": 0, "total": 1}, attempts=0, cancel_requested=False,
+               provenance={"inputs": inputs, "seed": params.get("seed")},
+               idempotency_key=idempotency_key, request_hash=request_hash)
 
 
 def add_job(session: Session, job: Job) -> bool:

@@ -16,13 +16,19 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(session: Session, tenant_name: str) -> tuple[Tenant, str]:
-    """A new key for the tenant of that name (created if new). Returns the key in clear, once."""
-    tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
+def tenant_named(session: Session, name: str) -> Tenant:
+    """The tenant of that name, created if new."""
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
     if tenant is None:
-        tenant = Tenant(id=new_id("ten"), name=tenant_name)
+        tenant = Tenant(id=new_id("ten"), name=name)
         session.add(tenant)
         session.flush()
+    return tenant
+
+
+def create_key(session: Session, tenant_name: str) -> tuple[Tenant, str]:
+    """A new key for the tenant of that name (created if new). Returns the key in clear, once."""
+    tenant = tenant_named(session, tenant_name)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     session.add(ApiKey(id=new_id("key"), tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:10]))
     return tenant, key

@@ -7,9 +7,18 @@ BatchNorm eps 1e-3, see that module's docstring for why).
 
 Preprocessing is the classifier's: the shorter side resized to 256 (bicubic), a 224 centre crop, pixels
 scaled to [-1, 1]. It is recorded in every captioner artifact and checked when one is loaded.
+
+A user-supplied encoder (the `encoder` training param: InceptionV3 or any other CNN) is a TorchScript file
+(`torch.jit.save`) mapping an (N, 3, 224, 224) float batch, preprocessed as above, to (N, F) features.
+TorchScript is the format because it needs no model class: the module's code travels inside the file, so
+nothing has to be imported to rebuild it (torchvision and timm cannot be installed beside this torch), and
+loading it runs no pickled Python. `scripted_encoder` loads one and probes it once to learn F.
 """
 
+import functools
+import hashlib
 import importlib.util
+import io
 import math
 import threading
 from dataclasses import dataclass
@@ -38,6 +47,8 @@ MEAN = STD = 0.5
 PREPROCESSING: dict[str, Any] = {"resize_size": RESIZE_SIZE, "crop_size": CROP_SIZE, "resample": "bicubic",
                                  "mean": MEAN, "std": STD}
 MEMORY_FORMAT = torch.channels_last  # NHWC: the depthwise convolutions run faster on CPU
+TORCHSCRIPT_ENCODER = "torchscript"  # the kind (and cache-key prefix) of a user-supplied encoder
+MAX_SCRIPTED_FEATURES = 65_536  # F of a user-supplied encoder; InceptionV3 pools 2048
 # (expand ratio, kernel size, stride of the first block, output channels, blocks) per stage
 LITE0_STAGES = (
     (1, 3, 1, 16, 1),
@@ -141,17 +152,28 @@ def load_encoder_weights(weights_path: Path) -> EfficientNetLite0Features:
 
 @dataclass
 class FrozenEncoder:
-    """The encoder on one device, shared (read-only) by training and every captioner served there."""
+    """A frozen encoder on one device: the packaged EfficientNet-Lite0 (shared, read-only, by training and
+    every captioner served there) or a user-supplied TorchScript module (`scripted_encoder`).
 
-    model: EfficientNetLite0Features
+    `name` is ENCODER_NAME or, for a TorchScript encoder, the file's path in the dataset zip; `kind` is
+    ENCODER_NAME or TORCHSCRIPT_ENCODER; `weights_sha256` is the weights file's (or the TorchScript file's)
+    sha256; `torchscript` the TorchScript file's bytes (None for the packaged encoder)."""
+
+    model: nn.Module
     weights_sha256: str
     device: Device
+    name: str = ENCODER_NAME
+    kind: str = ENCODER_NAME
+    feature_dim: int = FEATURE_DIM
+    torchscript: bytes | None = None
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Preprocessed images (N, 3, 224, 224) -> (N, 1280) pooled features on the encoder's device, in the
+        """Preprocessed images (N, 3, 224, 224) -> (N, F) pooled features on the encoder's device, in the
         caller's precision (fp32 unless under autocast)."""
+        # channels_last only for our own model: a user's module may view() its input as contiguous
+        memory_format = MEMORY_FORMAT if self.torchscript is None else torch.contiguous_format
         with torch.inference_mode():
-            return self.model(pixels.to(self.device.name, memory_format=MEMORY_FORMAT))
+            return self.model(pixels.to(self.device.name, memory_format=memory_format))
 
 
 _encoders: dict[str, FrozenEncoder] = {}
@@ -164,8 +186,44 @@ def frozen_encoder(device: Device) -> FrozenEncoder:
         if device.name not in _encoders:
             path = packaged_weights_path()
             model = load_encoder_weights(path).to(device.name).to(memory_format=MEMORY_FORMAT)  # type: ignore[call-overload]
-            _encoders[device.name] = FrozenEncoder(model, file_sha256(path), device)
+            _encoders[device.name] = FrozenEncoder(model, packaged_weights_sha256(), device)
         return _encoders[device.name]
+
+
+@functools.cache
+def packaged_weights_sha256() -> str:
+    """The packaged weights file's sha256 (what artifacts trained on it record), without loading it."""
+    return file_sha256(packaged_weights_path())
+
+
+def scripted_encoder(data: bytes, device: Device, name: str) -> FrozenEncoder:
+    """A user-supplied TorchScript encoder (module docstring) on `device`, frozen, its feature size probed
+    with one blank image. ValueError("[invalid_encoder] ...") when the bytes are not TorchScript or the
+    module does not map (1, 3, 224, 224) to (1, F) finite features."""
+    try:
+        model = torch.jit.load(io.BytesIO(data), map_location=device.name)
+    except Exception as exc:  # torch raises RuntimeError, ValueError, ... for bytes that are not TorchScript
+        raise ValueError(f"[invalid_encoder] {name!r} is not a TorchScript file (save the encoder with "
+                         f"torch.jit.save(torch.jit.script(model), path)): {str(exc).splitlines()[0]}") from None
+    model.eval()
+    for parameter in model.parameters():  # ScriptModules have no requires_grad_()
+        parameter.requires_grad_(False)
+    probe = torch.zeros((1, 3, CROP_SIZE, CROP_SIZE), device=device.name)
+    try:
+        with torch.inference_mode():
+            out = model(probe)
+    except Exception as exc:  # whatever the user's module raises
+        raise ValueError(f"[invalid_encoder] {name!r} fails on a (1, 3, {CROP_SIZE}, {CROP_SIZE}) batch: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if (not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1
+            or not 1 <= out.shape[1] <= MAX_SCRIPTED_FEATURES or not out.is_floating_point()
+            or not bool(torch.isfinite(out).all())):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"[invalid_encoder] {name!r} must map a (N, 3, {CROP_SIZE}, {CROP_SIZE}) batch to (N, F) "
+                         f"finite float features, F from 1 to {MAX_SCRIPTED_FEATURES} (pool before returning); "
+                         f"a (1, 3, {CROP_SIZE}, {CROP_SIZE}) batch gave {shape}")
+    return FrozenEncoder(model, hashlib.sha256(data).hexdigest(), device, name=name, kind=TORCHSCRIPT_ENCODER,
+                         feature_dim=int(out.shape[1]), torchscript=data)
 
 
 def preprocess(image: Image.Image) -> np.ndarray:

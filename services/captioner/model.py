@@ -13,30 +13,38 @@ Both are trained with teacher forcing over whole captions: running the LSTM over
 predicting `w1 .. wn endseq` at once is the same as the seed's one-sample-per-prefix formulation, since the
 LSTM is causal, and n times cheaper.
 
-Artifact (`torch.save` of a dict that `torch.load(..., weights_only=True)` reads; format version 1):
-    {"format": "percept.lstm-captioner", "format_version": 1,
+Artifact (`torch.save` of a dict that `torch.load(..., weights_only=True)` reads; format version 2):
+    {"format": "percept.lstm-captioner", "format_version": 2,
      "vocabulary": [str, ...],          # index -> word; 0..3 are <pad>, startseq, endseq, <unk>
      "config": {"architecture", "vocabulary_size", "feature_dim", "embedding_dim", "hidden_size",
                 "dropout", "max_length"},  # max_length: tokens per caption with both markers
      "decoder": {state-dict key: Tensor},
-     "encoder": {"name": "efficientnet-lite0", "weights_sha256": str, "feature_dim": 1280,
-                 "preprocessing": PREPROCESSING}}
+     "encoder": {"kind": "efficientnet-lite0" | "torchscript",
+                 "name": "efficientnet-lite0" | the TorchScript file's path in the dataset zip,
+                 "weights_sha256": str,   # the packaged weights file's, or the TorchScript file's
+                 "feature_dim": int,      # 1280, or the TorchScript encoder's F
+                 "preprocessing": PREPROCESSING,
+                 "torchscript": uint8 Tensor of the TorchScript file's bytes | None}}
+Version 1 (before user-supplied encoders) is version 2 without `kind` and `torchscript`, always the packaged
+EfficientNet-Lite0; it is still read.
 """
 
+import hashlib
 import io
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.captioner.encoder import ENCODER_NAME, FEATURE_DIM, PREPROCESSING
+from services.captioner.encoder import ENCODER_NAME, FEATURE_DIM, PREPROCESSING, TORCHSCRIPT_ENCODER
 
 ARTIFACT_FORMAT = "percept.lstm-captioner"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ARCHITECTURES = ("merge", "inject")
 PAD, START, END, UNKNOWN = 0, 1, 2, 3
 START_WORD, END_WORD = "startseq", "endseq"
@@ -144,13 +152,48 @@ class CaptionDecoder(nn.Module):
         return F.log_softmax(self.out(hidden).float(), dim=-1), state
 
 
+def initialise_embeddings(decoder: CaptionDecoder, vocabulary: Vocabulary, vectors: dict[str, torch.Tensor]) -> int:
+    """Copy pretrained word vectors (GloVe) into the embedding rows of the vocabulary words they name;
+    the other rows keep their random initialisation, and every row stays trainable. Returns how many
+    vocabulary words were initialised. The reserved tokens are never looked up (<pad> stays zero)."""
+    dim = decoder.config.embedding_dim
+    found = 0
+    with torch.no_grad():
+        for i, word in enumerate(vocabulary.words):
+            vector = vectors.get(word) if i >= len(RESERVED) else None
+            if vector is None:
+                continue
+            if vector.shape != (dim,):
+                raise ValueError(f"the vector of {word!r} has {tuple(vector.shape)} values; the embeddings have {dim}")
+            decoder.embedding.weight[i] = vector.to(decoder.embedding.weight)
+            found += 1
+    return found
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The encoder a captioner was trained on, as its artifact records it (module docstring)."""
+
+    kind: str = ENCODER_NAME
+    name: str = ENCODER_NAME
+    weights_sha256: str = ""
+    feature_dim: int = FEATURE_DIM
+    torchscript: bytes | None = field(default=None, repr=False)
+
+    def to_payload(self) -> dict[str, Any]:
+        scripted = (None if self.torchscript is None
+                    else torch.frombuffer(bytearray(self.torchscript), dtype=torch.uint8))
+        return {"kind": self.kind, "name": self.name, "weights_sha256": self.weights_sha256,
+                "feature_dim": self.feature_dim, "preprocessing": dict(PREPROCESSING), "torchscript": scripted}
+
+
 @dataclass
 class CaptionModel:
     """A trained captioner: its vocabulary, its decoder and the encoder it was trained on."""
 
     vocabulary: Vocabulary
     decoder: CaptionDecoder
-    encoder_weights_sha256: str
+    encoder: EncoderSpec
 
     @property
     def config(self) -> DecoderConfig:
@@ -165,8 +208,7 @@ class CaptionModel:
             "vocabulary": list(self.vocabulary.words),
             "config": asdict(self.config),
             "decoder": {key: value.detach().to("cpu", copy=True) for key, value in self.decoder.state_dict().items()},
-            "encoder": {"name": ENCODER_NAME, "weights_sha256": self.encoder_weights_sha256,
-                        "feature_dim": FEATURE_DIM, "preprocessing": dict(PREPROCESSING)},
+            "encoder": self.encoder.to_payload(),
         }
         buffer = io.BytesIO()
         torch.save(payload, buffer)
@@ -174,29 +216,49 @@ class CaptionModel:
 
 
 def load_caption_model(artifact: bytes, device: str, encoder_weights_sha256: str) -> CaptionModel:
-    """Read an artifact written by `CaptionModel.to_artifact` onto `device`, checking that it fits this code
-    and the encoder weights installed here (ValueError naming what differs)."""
+    """Read an artifact written by `CaptionModel.to_artifact` (version 2, or version 1) onto `device`,
+    checking that it fits this code and, when it was trained on the packaged EfficientNet-Lite0, that
+    `encoder_weights_sha256` (the weights installed here) are the ones it was trained on. A TorchScript
+    encoder travels inside the artifact: its bytes are checked against the sha256 recorded beside them.
+    ValueError naming what differs."""
     try:
         payload: Any = torch.load(io.BytesIO(artifact), map_location=device, weights_only=True)
     except Exception as exc:  # torch raises several types for bytes that are not one of its archives
         raise ValueError(f"not a captioner artifact: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"not a captioner artifact (no {ARTIFACT_FORMAT!r} format marker)")
-    if payload.get("format_version") != ARTIFACT_VERSION:
+    if payload.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"captioner artifact version {payload.get('format_version')!r} is not supported (this "
-                         f"code reads version {ARTIFACT_VERSION}); retrain the model")
-    encoder = payload["encoder"]
-    if encoder["name"] != ENCODER_NAME or encoder["weights_sha256"] != encoder_weights_sha256:
-        raise ValueError(f"the model was trained on encoder {encoder['name']} with weights "
-                         f"{encoder['weights_sha256']}; this service has {ENCODER_NAME} with "
-                         f"{encoder_weights_sha256}; retrain the model")
-    if encoder["preprocessing"] != PREPROCESSING:
-        raise ValueError(f"the model was trained with preprocessing {encoder['preprocessing']}, this service "
-                         f"applies {PREPROCESSING}; retrain the model")
+                         f"code reads versions {', '.join(map(str, READABLE_VERSIONS))}); retrain the model")
+    encoder = read_encoder_spec(payload["encoder"], encoder_weights_sha256)
     vocabulary = Vocabulary(tuple(payload["vocabulary"]))
     config = DecoderConfig(**payload["config"])
     if config.vocabulary_size != len(vocabulary) or vocabulary.words[:len(RESERVED)] != RESERVED:
         raise ValueError("the captioner artifact's vocabulary does not fit its decoder")
+    if config.feature_dim != encoder.feature_dim:
+        raise ValueError(f"the captioner artifact's decoder reads {config.feature_dim} features; its encoder "
+                         f"gives {encoder.feature_dim}")
     decoder = CaptionDecoder(config).to(device)
     decoder.load_state_dict(payload["decoder"])
-    return CaptionModel(vocabulary, decoder.eval().requires_grad_(False), encoder_weights_sha256)
+    return CaptionModel(vocabulary, decoder.eval().requires_grad_(False), encoder)
+
+
+def read_encoder_spec(stored: dict[str, Any], packaged_weights_sha256: str) -> EncoderSpec:
+    """The artifact's encoder record, checked (see `load_caption_model`)."""
+    if stored["preprocessing"] != PREPROCESSING:
+        raise ValueError(f"the model was trained with preprocessing {stored['preprocessing']}, this service "
+                         f"applies {PREPROCESSING}; retrain the model")
+    kind = stored.get("kind", ENCODER_NAME)  # version 1 knew only the packaged encoder
+    if kind == TORCHSCRIPT_ENCODER:
+        scripted = stored.get("torchscript")
+        if not isinstance(scripted, torch.Tensor) or scripted.dtype != torch.uint8:
+            raise ValueError("the captioner artifact names a TorchScript encoder but does not hold it")
+        data = scripted.cpu().numpy().tobytes()
+        if hashlib.sha256(data).hexdigest() != stored["weights_sha256"]:
+            raise ValueError("the captioner artifact's TorchScript encoder does not match its recorded sha256")
+        return EncoderSpec(kind, stored["name"], stored["weights_sha256"], int(stored["feature_dim"]), data)
+    if kind != ENCODER_NAME or stored["name"] != ENCODER_NAME or stored["weights_sha256"] != packaged_weights_sha256:
+        raise ValueError(f"the model was trained on encoder {stored['name']} with weights "
+                         f"{stored['weights_sha256']}; this service has {ENCODER_NAME} with "
+                         f"{packaged_weights_sha256}; retrain the model")
+    return EncoderSpec(ENCODER_NAME, ENCODER_NAME, packaged_weights_sha256, int(stored["feature_dim"]))

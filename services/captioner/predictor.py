@@ -1,5 +1,6 @@
-"""Captions for photos from a captioner Percept trained (`services.captioner.training`): the frozen
-EfficientNet-Lite0 encoder, then the LSTM decoder with batched beam search (`services.captioner.decoding`).
+"""Captions for photos from a captioner Percept trained (`services.captioner.training`): the frozen encoder
+it was trained on (the packaged EfficientNet-Lite0, or the user's TorchScript encoder the artifact carries),
+then the LSTM decoder with batched beam search (`services.captioner.decoding`).
 
 Inputs (one `PredictRequest` per job):
     images: exactly one RGB PIL image, any size (resized and centre-cropped to 224 x 224).
@@ -43,7 +44,14 @@ from percept.predictor import BasePredictor, ModelInfo, PredictRequest, report_s
 from percept.version import library_versions
 from services.captioner.decoding import DecodingOptions, Hypothesis, beam_search
 from services.captioner.device import torch_device
-from services.captioner.encoder import RESIZE_SIZE, FrozenEncoder, frozen_encoder, preprocess
+from services.captioner.encoder import (
+    RESIZE_SIZE,
+    FrozenEncoder,
+    frozen_encoder,
+    packaged_weights_sha256,
+    preprocess,
+    scripted_encoder,
+)
 from services.captioner.model import CaptionModel, Vocabulary, load_caption_model
 
 LIBRARIES = ("torch", "numpy", "pillow")
@@ -144,7 +152,7 @@ def inference_precision(device: Device) -> contextlib.AbstractContextManager:
 
 def encode_images(encoder: FrozenEncoder, images: list[Image.Image], batch_size: int = ENCODER_BATCH,
                   on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """(N, 1280) fp32 pooled features on the encoder's device, `batch_size` images per forward pass."""
+    """(N, F) fp32 pooled features on the encoder's device, `batch_size` images per forward pass."""
     chunks = []
     for start in range(0, len(images), batch_size):
         pixels = torch.from_numpy(np.stack([preprocess(image) for image in images[start:start + batch_size]]))
@@ -188,9 +196,22 @@ class LSTMCaptioner(BasePredictor):
         return self._model.config.max_words
 
     def load(self) -> ModelInfo:
-        """Load the shared encoder (once per device) and this artifact's decoder."""
-        self._encoder = frozen_encoder(self.device)
-        self._model = load_caption_model(self.artifact, self.device.name, self._encoder.weights_sha256)
+        """Load this artifact's decoder and its encoder: the shared EfficientNet-Lite0 (once per device) or
+        the TorchScript encoder inside the artifact (this predictor's own)."""
+        try:
+            installed = packaged_weights_sha256()
+        except FileNotFoundError:  # only artifacts on the packaged encoder need it; frozen_encoder says why
+            installed = "(not installed)"
+        model = load_caption_model(self.artifact, self.device.name, installed)
+        spec = model.encoder
+        if spec.torchscript is None:
+            encoder = frozen_encoder(self.device)
+        else:
+            encoder = scripted_encoder(spec.torchscript, self.device, spec.name)
+            if encoder.feature_dim != spec.feature_dim:
+                raise ValueError(f"the artifact's TorchScript encoder gives {encoder.feature_dim} features here; "
+                                 f"it was trained with {spec.feature_dim}")
+        self._encoder, self._model = encoder, model
         return ModelInfo(name=self.name, version=self.version, sha256=hashlib.sha256(self.artifact).hexdigest(),
                          device=self.device.description, libraries=library_versions(*LIBRARIES))
 

@@ -11,10 +11,19 @@ evaluate it with BLEU, and hand back the artifact `LSTMCaptioner` serves.
 2. Encoder: the ImageNet EfficientNet-Lite0, frozen, pooled 1280-d features, computed once per image file
    (sha256) and kept in the job's `FeatureCache` (object storage), so retraining on the same photos skips
    the CNN. Photos are decoded as the worker decodes them for serving (no train/serve skew).
+   `encoder` may instead name a TorchScript file inside the dataset zip (InceptionV3 or any torch CNN,
+   `torch.jit.save`d; see `services.captioner.encoder` for its contract and why TorchScript): it is loaded
+   with `torch.jit.load` on the training device, frozen, and its (N, F) features replace the 1280-d ones.
+   Its cache keys carry the file's sha256, so two encoders never share features; its bytes go into the
+   artifact, and `LSTMCaptioner` serves with it.
 3. Vocabulary: the training captions' words (`percept.captions.tokenize`, as the dataset report counts
    them) seen at least `min_word_count` times; rarer words become <unk>, never generated. `max_length`
    (words, as the serving param counts them; the decoder's sequences are 2 longer, startseq and endseq)
    defaults to the 99th percentile of the training captions' lengths in words.
+   `glove` may name a GloVe-format text file inside the dataset zip (`word v1 v2 ... vD` per line, UTF-8):
+   the word embeddings then have D dimensions (D overrides `embedding_dim`), the rows of the vocabulary
+   words the file holds start from its vectors (a cased file's words also match lowercased), the others
+   at random as without it, and all stay trainable; `metrics["glove"]` counts the words found.
 4. Decoder: teacher forcing over shuffled mini-batches of (features, caption) pairs, Adam, cross-entropy on
    every next word; validation loss on the dev captions after each epoch, early stopping (`patience`) and
    the best epoch's weights kept; every BLEU_EVERY epochs greedy BLEU-4 on a dev sample. Progress goes to
@@ -40,15 +49,32 @@ import torch
 import torch.nn.functional as F
 from sacrebleu.metrics import BLEU
 
-from percept.captions import CaptionedImage, read_caption_dataset, tokenize
+from percept.captions import CaptionedImage, read_caption_dataset, read_dataset_file, tokenize
 from percept.devices import Device
 from percept.errors import PerceptError
 from percept.imaging import decode_rgb
 from percept.predictor import FeatureCache, StepCallback, TrainingData, TrainingResult, report_step
 from percept.version import library_versions
 from services.captioner.decoding import DecodingOptions
-from services.captioner.encoder import ENCODER_NAME, FEATURE_DIM, PREPROCESSING, FrozenEncoder, frozen_encoder
-from services.captioner.model import ARCHITECTURES, PAD, CaptionDecoder, CaptionModel, DecoderConfig, Vocabulary
+from services.captioner.encoder import (
+    ENCODER_NAME,
+    PREPROCESSING,
+    TORCHSCRIPT_ENCODER,
+    FrozenEncoder,
+    frozen_encoder,
+    scripted_encoder,
+)
+from services.captioner.model import (
+    ARCHITECTURES,
+    PAD,
+    RESERVED,
+    CaptionDecoder,
+    CaptionModel,
+    DecoderConfig,
+    EncoderSpec,
+    Vocabulary,
+    initialise_embeddings,
+)
 from services.captioner.predictor import (
     LIBRARIES,
     Caption,
@@ -69,6 +95,8 @@ PROGRESS_SECONDS = 2.0  # between-batch progress reports (each is a database wri
 MAX_GRAD_NORM = 5.0  # LSTMs occasionally blow up early in training without it
 MIN_LOSS_IMPROVEMENT = 1e-4
 MAX_WORDS = 100  # as the gateway
+MAX_GLOVE_DIM = 4096  # as embedding_dim's limit; GloVe's own files have 50 to 300
+MAX_PATH = 1000  # characters of a file path inside the dataset zip
 
 
 @dataclass(frozen=True)
@@ -93,6 +121,8 @@ class CaptionerConfig:
     seed: int = 0
     val_fraction: float = 0.1  # of the training images held out for dev (and test) when the dataset has none
     patience: int = 5  # epochs without a lower validation loss before stopping
+    encoder: str = ENCODER_NAME  # or the path of a TorchScript encoder file inside the dataset zip
+    glove: str | None = None  # the path of a GloVe-format word-vector file inside the dataset zip
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "CaptionerConfig":
@@ -123,6 +153,13 @@ class CaptionerConfig:
         if not is_number(self.val_fraction) or not 0 < self.val_fraction < 0.5:
             raise ValueError(f"[invalid_val_fraction] val_fraction must be above 0 and below 0.5; "
                              f"got {self.val_fraction!r}")
+        if not isinstance(self.encoder, str) or not self.encoder.strip() or len(self.encoder) > MAX_PATH:
+            raise ValueError(f"[invalid_encoder] encoder must be {ENCODER_NAME!r} or the path of a TorchScript file "
+                             f"inside the dataset zip; got {self.encoder!r}")
+        if self.glove is not None and (not isinstance(self.glove, str) or not self.glove.strip()
+                                       or len(self.glove) > MAX_PATH):
+            raise ValueError(f"[invalid_glove] glove must be the path of a GloVe-format text file inside the dataset "
+                             f"zip, or absent; got {self.glove!r}")
 
 
 def is_integer(value: Any) -> bool:
@@ -171,8 +208,12 @@ def nearest_rank_percentile(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def feature_key(weights_sha256: str, image_sha256: str) -> str:
-    return f"{ENCODER_NAME}-v{FEATURES_VERSION}-{weights_sha256[:16]}/{image_sha256}.npy"
+def feature_key(encoder: FrozenEncoder, image_sha256: str) -> str:
+    """The packaged encoder's keys as they always were; a TorchScript encoder's carry its file's whole
+    sha256 (a user's file, so no shortened digest another upload could be made to match)."""
+    if encoder.kind == TORCHSCRIPT_ENCODER:
+        return f"{TORCHSCRIPT_ENCODER}-v{FEATURES_VERSION}-{encoder.weights_sha256}/{image_sha256}.npy"
+    return f"{ENCODER_NAME}-v{FEATURES_VERSION}-{encoder.weights_sha256[:16]}/{image_sha256}.npy"
 
 
 def features_to_bytes(vector: np.ndarray) -> bytes:
@@ -181,13 +222,13 @@ def features_to_bytes(vector: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def features_from_bytes(data: bytes) -> np.ndarray | None:
+def features_from_bytes(data: bytes, feature_dim: int) -> np.ndarray | None:
     """A cached vector, or None when the bytes are not one (then it is recomputed and overwritten)."""
     try:
         vector = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError):
         return None
-    if vector.shape != (FEATURE_DIM,) or vector.dtype != np.float32 or not np.isfinite(vector).all():
+    if vector.shape != (feature_dim,) or vector.dtype != np.float32 or not np.isfinite(vector).all():
         return None
     return vector
 
@@ -195,7 +236,7 @@ def features_from_bytes(data: bytes) -> np.ndarray | None:
 @dataclass
 class EncodedImages:
     images: list[CaptionedImage]  # those that decoded
-    features: np.ndarray  # (len(images), 1280) float32
+    features: np.ndarray  # (len(images), F) float32
     hits: int
     misses: int
     skipped: list[str]  # files that did not decode
@@ -210,8 +251,8 @@ def encode_dataset(images: list[CaptionedImage], encoder: FrozenEncoder, cache: 
     hits = 0
     if cache is not None:
         for digest in dict.fromkeys(digests):
-            found = cache.get(feature_key(encoder.weights_sha256, digest))
-            vector = features_from_bytes(found) if found is not None else None
+            found = cache.get(feature_key(encoder, digest))
+            vector = features_from_bytes(found, encoder.feature_dim) if found is not None else None
             if vector is not None:
                 vectors[digest] = vector
                 hits += 1
@@ -236,11 +277,85 @@ def encode_dataset(images: list[CaptionedImage], encoder: FrozenEncoder, cache: 
         for (i, _), vector in zip(pictures, computed, strict=True):
             vectors[digests[i]] = np.ascontiguousarray(vector, dtype=np.float32)
             if cache is not None:
-                cache.put(feature_key(encoder.weights_sha256, digests[i]), features_to_bytes(vectors[digests[i]]))
+                cache.put(feature_key(encoder, digests[i]), features_to_bytes(vectors[digests[i]]))
     kept = [i for i, digest in enumerate(digests) if digest in vectors]
-    matrix = np.stack([vectors[digests[i]] for i in kept]) if kept else np.zeros((0, FEATURE_DIM), np.float32)
+    matrix = np.stack([vectors[digests[i]] for i in kept]) if kept else np.zeros((0, encoder.feature_dim), np.float32)
     return EncodedImages([images[i] for i in kept], matrix, hits, len(pictures),
                          sorted(images[i].name for i, d in enumerate(digests) if d in skipped))
+
+
+def training_encoder(name: str, data: TrainingData, device: Device) -> FrozenEncoder:
+    """The packaged EfficientNet-Lite0, or the TorchScript encoder file the dataset zip holds at `name`."""
+    if name == ENCODER_NAME:
+        return frozen_encoder(device)
+    assert data.archive is not None
+    scripted = read_dataset_file(data.archive, data.limits, name)
+    if scripted is None:
+        raise ValueError(f"[encoder_not_found] encoder must be {ENCODER_NAME!r} or the path of a TorchScript file "
+                         f"inside the dataset zip; the zip holds no {name!r}")
+    return scripted_encoder(scripted, device, name)
+
+
+@dataclass
+class WordVectors:
+    path: str  # inside the dataset zip
+    dim: int
+    vectors: dict[str, torch.Tensor]  # only the words asked for (and found), float32
+
+
+def read_glove(data: bytes, path: str, wanted: set[str]) -> WordVectors:
+    """The vectors of the `wanted` words in a GloVe-format file (`word v1 ... vD` per line, blank lines
+    skipped; D from the first line). A file word matches exactly, else lowercased (cased files such as
+    GloVe 840B); the first occurrence wins. Every line's shape is checked, but only the wanted words' values
+    are parsed. ValueError("[invalid_glove_file] ...") naming the line of the first problem."""
+    def bad(number: int, problem: str) -> ValueError:
+        return ValueError(f"[invalid_glove_file] {path!r}, line {number}: {problem}")
+
+    dim = 0
+    exact: dict[str, torch.Tensor] = {}
+    lowered: dict[str, torch.Tensor] = {}
+    for number, raw in enumerate(io.BytesIO(data), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise bad(number, "is not UTF-8 text") from None
+        fields = line.split()
+        if not fields:
+            continue
+        if dim == 0:
+            dim = len(fields) - 1
+            if not 1 <= dim <= MAX_GLOVE_DIM:
+                raise bad(number, f"expected `word v1 v2 ... vD` (D from 1 to {MAX_GLOVE_DIM}); got {len(fields)} "
+                                  "fields")
+        elif len(fields) - 1 != dim:
+            raise bad(number, f"{len(fields) - 1} values where the first vector has {dim} (inconsistent dimensions)")
+        word = fields[0]
+        target = exact if word in wanted else lowered if word.lower() in wanted else None
+        key = word if target is exact else word.lower()
+        if target is None or key in target:
+            continue
+        try:
+            vector = torch.tensor([float(value) for value in fields[1:]], dtype=torch.float32)
+        except ValueError:
+            raise bad(number, f"the values of {word!r} must be numbers") from None
+        if not bool(torch.isfinite(vector).all()):
+            raise bad(number, f"the values of {word!r} must be finite")
+        target[key] = vector
+    if dim == 0:
+        raise ValueError(f"[invalid_glove_file] {path!r} holds no word vectors")
+    return WordVectors(path, dim, {**lowered, **exact})
+
+
+def training_word_vectors(path: str, data: TrainingData, images: list[CaptionedImage]) -> WordVectors:
+    """The GloVe vectors of every word the dataset's captions use (a superset of the vocabulary, so a bad
+    file fails before the encoder pass and memory stays bounded by the dataset, not the file)."""
+    assert data.archive is not None
+    glove = read_dataset_file(data.archive, data.limits, path)
+    if glove is None:
+        raise ValueError(f"[glove_not_found] glove must be the path of a GloVe-format text file inside the dataset "
+                         f"zip; the zip holds no {path!r}")
+    words = {word for image in images for caption in image.captions for word in tokenize(caption)}
+    return read_glove(glove, path, words - set(RESERVED))
 
 
 def caption_tensors(images: list[int], captions: list[list[list[str]]], vocabulary: Vocabulary, max_length: int
@@ -310,10 +425,15 @@ class CaptionerTrainer:
             raise ValueError(f"[invalid_name] name must be a non-empty model name; got {name!r}")
         if data.archive is None:
             raise ValueError("[no_dataset] training a captioner needs a captioned-image dataset")
-        split = split_dataset(read_caption_dataset(data.archive, data.limits), config.val_fraction, config.seed)
+        images = read_caption_dataset(data.archive, data.limits)
+        split = split_dataset(images, config.val_fraction, config.seed)
+        # The extra inputs before the encoder pass, so a bad file fails in seconds
+        word_vectors = training_word_vectors(config.glove, data, images) if config.glove is not None else None
+        encoder = training_encoder(config.encoder, data, self.device)
+        if word_vectors is not None:
+            config = replace(config, embedding_dim=word_vectors.dim)
 
         # 2. Encoder features, from the cache where it has them
-        encoder = frozen_encoder(self.device)
         everything = split.train + split.dev + split.test
         encoded = encode_dataset(everything, encoder, data.cache, data.limits.max_image_pixels, on_step)
         position = {image.name: row for row, image in enumerate(encoded.images)}
@@ -330,7 +450,7 @@ class CaptionerTrainer:
         max_words = config.max_length or max(1, nearest_rank_percentile([len(w) for w in train_captions], 99))
         config = replace(config, max_length=max_words)
         max_length = max_words + 2  # the decoder's sequences: startseq and endseq too
-        decoder_config = DecoderConfig(config.architecture, len(vocabulary), max_length, FEATURE_DIM,
+        decoder_config = DecoderConfig(config.architecture, len(vocabulary), max_length, encoder.feature_dim,
                                        config.embedding_dim, config.hidden_size, config.dropout)
 
         # 4. Train the decoder
@@ -342,8 +462,14 @@ class CaptionerTrainer:
                           dev_bleu=lambda model: corpus_bleu(
                               [c.text for c in greedy_texts(model, features[dev_sample], self.device)],
                               [reference_texts(encoded.images[row]) for row in dev_sample])[3],
-                          vocabulary=vocabulary, weights_sha256=encoder.weights_sha256)
+                          vocabulary=vocabulary, encoder=EncoderSpec(
+                              encoder.kind, encoder.name, encoder.weights_sha256, encoder.feature_dim,
+                              encoder.torchscript),
+                          word_vectors=word_vectors)
         model = fit.model
+        glove = None if word_vectors is None else {
+            "file": word_vectors.path, "dim": word_vectors.dim, "words_found": fit.glove_words,
+            "vocabulary_words": len(vocabulary) - len(RESERVED)}
 
         # 5. Evaluate on the test split: greedy and beam side by side
         test_images = [encoded.images[row] for row in test_rows]
@@ -362,8 +488,9 @@ class CaptionerTrainer:
         artifact = model.to_artifact()
         metrics = {"bleu": bleu, "val_loss": fit.best_val_loss, "vocabulary_size": len(vocabulary),
                    "max_length": max_words, "max_tokens": max_length, "epochs_run": len(fit.history),
-                   "best_epoch": fit.best_epoch, "evaluated_on": "test" if split.test and test_rows != dev_rows
-                   else "dev", "test_images": len(test_rows), "history": fit.history}
+                   "best_epoch": fit.best_epoch, "glove": glove,
+                   "evaluated_on": "test" if split.test and test_rows != dev_rows else "dev",
+                   "test_images": len(test_rows), "history": fit.history}
         dataset = {"images": len(encoded.images), "captions": sum(len(c) for c in captions),
                    "train_images": len(train_rows), "dev_images": len(dev_rows), "test_images": len(test_rows),
                    "split_made": split.made or None, "unsplit_images": split.unused,
@@ -372,15 +499,17 @@ class CaptionerTrainer:
         card = {
             "model_type": "lstm-captioner",
             "architecture": config.architecture,
-            "encoder": ENCODER_NAME,
-            "encoder_weights": "ImageNet",
+            "encoder": encoder.name,
+            "encoder_kind": encoder.kind,
+            "encoder_weights": "ImageNet" if encoder.torchscript is None else "user-supplied TorchScript",
             "encoder_weights_sha256": encoder.weights_sha256,
             "encoder_frozen": True,
-            "feature_dim": FEATURE_DIM,
+            "feature_dim": encoder.feature_dim,
             "preprocessing": dict(PREPROCESSING),
             "vocabulary_size": len(vocabulary),
             "vocabulary": list(vocabulary.words),
             "max_length": max_words,
+            "glove": glove,
             "config": asdict(config),
             "dataset_sha256": data.dataset.get("sha256"),
             "dataset": {key: value for key, value in dataset.items() if key != "skipped_files"},
@@ -392,7 +521,7 @@ class CaptionerTrainer:
             "device": self.device.description,
         }
         return TrainingResult(metrics=metrics, card=card, artifact=artifact, predictor=PREDICTOR, model_kind=MODEL_KIND,
-                              output={"bleu": bleu, "examples": examples, "dataset": dataset},
+                              output={"bleu": bleu, "examples": examples, "dataset": dataset, "glove": glove},
                               device=self.device.description)
 
 
@@ -408,13 +537,16 @@ class FitResult:
     history: list[dict[str, Any]]
     best_epoch: int
     best_val_loss: float
+    glove_words: int = 0  # vocabulary words whose embeddings started from the GloVe file
 
 
 def fit_decoder(decoder_config: DecoderConfig, config: CaptionerConfig, features: torch.Tensor,
                 train_set: tuple[torch.Tensor, torch.Tensor], dev_set: tuple[torch.Tensor, torch.Tensor],
                 device: Device, on_step: StepCallback | None, *, dev_bleu: Callable[[CaptionModel], float],
-                vocabulary: Vocabulary, weights_sha256: str) -> FitResult:
-    """Teacher forcing with early stopping on the dev loss; the best epoch's weights are kept.
+                vocabulary: Vocabulary, encoder: EncoderSpec, word_vectors: WordVectors | None = None
+                ) -> FitResult:
+    """Teacher forcing with early stopping on the dev loss; the best epoch's weights are kept. With
+    `word_vectors`, the embeddings of the words they hold start from them (`initialise_embeddings`).
 
     The initial weights, the batch order and the dropout masks come from `config.seed`: under `fork_rng`
     the global generator is seeded for this run and restored afterwards, so training leaves the process's
@@ -426,8 +558,10 @@ def fit_decoder(decoder_config: DecoderConfig, config: CaptionerConfig, features
     fork_devices = [int(device.name.partition(":")[2] or 0)] if device.is_cuda else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
-        decoder = CaptionDecoder(decoder_config).to(device.name)
-        model = CaptionModel(vocabulary, decoder, weights_sha256)
+        decoder = CaptionDecoder(decoder_config)
+        glove_words = initialise_embeddings(decoder, vocabulary, word_vectors.vectors) if word_vectors else 0
+        decoder = decoder.to(device.name)
+        model = CaptionModel(vocabulary, decoder, encoder)
         optimizer = torch.optim.Adam(decoder.parameters(), lr=config.learning_rate)
         order_generator = torch.Generator().manual_seed(config.seed)
         history: list[dict[str, Any]] = []
@@ -469,7 +603,7 @@ def fit_decoder(decoder_config: DecoderConfig, config: CaptionerConfig, features
                 break
     decoder.load_state_dict(best_state)
     decoder.eval().requires_grad_(False)
-    return FitResult(model, history, best_epoch, round(best_loss, 6))
+    return FitResult(model, history, best_epoch, round(best_loss, 6), glove_words)
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

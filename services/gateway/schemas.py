@@ -194,6 +194,17 @@ class TrainCaptionerParams(BaseModel):
                                             "has no split files")
     patience: int = Field(5, ge=1, le=500, description="Stop after this many epochs without a lower "
                                                        "validation loss")
+    encoder: str = Field(
+        "efficientnet-lite0", min_length=1, max_length=1000,
+        description="`efficientnet-lite0` (ImageNet, frozen), or the path inside the dataset zip of a TorchScript "
+                    "encoder (`torch.jit.save`, e.g. InceptionV3) mapping an N x 3 x 224 x 224 batch, preprocessed "
+                    "as EfficientNet-Lite0's (256 resize, 224 centre crop, mean = std = 0.5), to N x F features; "
+                    "it is frozen, stored in the model and served with it")
+    glove: str | None = Field(
+        None, min_length=1, max_length=1000,
+        description="The path inside the dataset zip of a GloVe-format text file (`word v1 ... vD` per line): the "
+                    "word embeddings of the words it holds start from its vectors and stay trainable; D overrides "
+                    "embedding_dim. The job's metrics count the vocabulary words found")
 
 
 class EnsembleIn(BaseModel):

@@ -239,7 +239,8 @@ def test_training_routes_take_only_their_kind_of_ready_dataset(platform, api):
     assert job["params"] == {"dataset": captions, "name": "flickr-cap", "architecture": "merge", "epochs": 3,
                              "min_word_count": 2, "max_length": None, "embedding_dim": 128, "hidden_size": 256,
                              "dropout": 0.3, "batch_size": 64, "learning_rate": 0.003, "beam_width": 3, "seed": 0,
-                             "val_fraction": 0.1, "patience": 5}
+                             "val_fraction": 0.1, "patience": 5, "encoder": "efficientnet-lite0",
+                             "glove": None}
     assert job["provenance"]["inputs"][0]["dataset_id"] == captions
     assert job["provenance"]["seed"] == 0
 

@@ -12,7 +12,6 @@ from starlette.concurrency import run_in_threadpool
 
 from percept.db import jobs as job_repo
 from percept.db import registry
-from percept.db.ids import new_id
 from percept.db.models import Job, JobStatus
 from percept.db.session import session_scope
 from percept.errors import Conflict, DependencyUnavailable, InvalidInput, NotFound, QuotaExceeded
@@ -62,11 +61,8 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
         raise QuotaExceeded(
             f"You have {pending} jobs queued or running, the most allowed; wait for some to finish.",
             details={"pending": pending, "limit": infra.settings.max_pending_jobs_per_tenant})
-    job = Job(id=new_id("job"), tenant_id=tenant_id, kind=request.kind, queue=kind.queue, status=JobStatus.QUEUED,
-              model_name=params.get("model", params.get("name")), params=params, inputs=request.inputs,
-              progress={"done": 0, "total": 1}, attempts=0, cancel_requested=False,
-              provenance={"inputs": request.inputs, "seed": params.get("seed")},
-              idempotency_key=request.idempotency_key, request_hash=fingerprint)
+    job = job_repo.queued_job(tenant_id, request.kind, kind.queue, params, request.inputs,
+                              idempotency_key=request.idempotency_key, request_hash=fingerprint)
     if not job_repo.add_job(session, job):  # the key's job appeared after the lookup (another transaction)
         existing = job_repo.find_by_idempotency_key(session, tenant_id, request.idempotency_key or "")
         if existing is None:

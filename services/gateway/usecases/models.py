@@ -13,7 +13,7 @@ from percept.errors import Conflict, ImageTooLarge, InvalidInput, NotFound
 from percept.infra import Infra
 from percept.predictor import parse_model_ref
 from percept.services import catalog
-from percept.storage import object_key_for
+from percept.storage import import_key_for
 from services.gateway.schemas import ModelImportParams, ModelOut, ModelVersionOut, TrainClassifierParams
 from services.gateway.usecases.datasets import ready_dataset
 from services.gateway.usecases.jobs import JobRequest, submit_job
@@ -139,7 +139,7 @@ def import_model(session: Session, infra: Infra, tenant_id: str, params: ModelIm
     for chunk in iter(lambda: upload.read(HASH_CHUNK_BYTES), b""):
         digest.update(chunk)
     sha256 = digest.hexdigest()
-    key = object_key_for(sha256, prefix="imports")
+    key = import_key_for(sha256)
     if not infra.store.exists(key):
         upload.seek(0)
         infra.store.put_file(key, upload, size, content_type="application/zip")

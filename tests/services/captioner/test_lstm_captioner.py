@@ -11,6 +11,7 @@ import hashlib
 import io
 import re
 
+import numpy as np
 import pytest
 import torch
 from sacrebleu.metrics import BLEU
@@ -19,10 +20,18 @@ from percept.captions import tokenize
 from percept.datasets import DatasetLimits
 from percept.imaging import decode_rgb
 from percept.predictor import JobCanceled, PredictRequest, TrainingData, TrainingResult
-from services.captioner.model import END, START, load_caption_model
+from services.captioner.model import (
+    END,
+    START,
+    CaptionDecoder,
+    DecoderConfig,
+    Vocabulary,
+    initialise_embeddings,
+    load_caption_model,
+)
 from services.captioner.predictor import LSTMCaptioner
-from services.captioner.training import CaptionerTrainer
-from tests.scenes import COLOURS, SHAPES, make_scenes, scenes_zip
+from services.captioner.training import CaptionerTrainer, read_glove
+from tests.scenes import COLOURS, SHAPES, add_files, make_scenes, scenes_zip
 
 SPLIT = (300, 50, 60)
 HELD_OUT = 80  # scenes from another seed, never seen in training
@@ -319,7 +328,8 @@ def test_absent_params_take_the_defaults(captioner, held_out):
 def test_the_artifact_round_trips(trained, captioner):
     result, _ = trained
     payload = torch.load(io.BytesIO(result.artifact), weights_only=True)
-    assert payload["format"] == "percept.lstm-captioner" and payload["format_version"] == 1
+    assert payload["format"] == "percept.lstm-captioner" and payload["format_version"] == 2
+    assert payload["encoder"]["kind"] == "efficientnet-lite0" and payload["encoder"]["torchscript"] is None
     assert payload["vocabulary"] == result.card["vocabulary"]
     assert payload["config"]["architecture"] == "merge"
     assert payload["config"]["max_length"] == result.metrics["max_length"] + 2
@@ -351,3 +361,92 @@ def test_scenes_are_deterministic_and_flickr8k_shaped():
     assert sum(name.startswith("Flicker8k_Dataset/") and name.endswith(".jpg") for name in names) == 12
     tokens = zipfile.ZipFile(io.BytesIO(first)).read("Flickr8k.token.txt").decode().splitlines()
     assert len(tokens) == 60 and all(re.match(r"^\d+_[0-9a-f]+\.jpg#[0-4]\t[A-Z].* \.$", line) for line in tokens)
+
+
+def test_a_version_1_artifact_is_still_read(trained, held_out, captioner):
+    result, _ = trained
+    payload = torch.load(io.BytesIO(result.artifact), weights_only=True)
+    payload["format_version"] = 1
+    del payload["encoder"]["kind"], payload["encoder"]["torchscript"]  # what version 1 wrote
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    old = LSTMCaptioner(artifact=buffer.getvalue(), name="scenes", version="0", device="cpu")
+    _, images = held_out
+    assert caption_all(old, images[:4]) == caption_all(captioner, images[:4])
+
+
+# --- GloVe word vectors --------------------------------------------------------------------------------
+
+GLOVE_DIM = 8
+GLOVE_WORDS = (*COLOURS, *SHAPES)
+
+
+def glove_vectors(words=GLOVE_WORDS, dim: int = GLOVE_DIM) -> dict[str, list[float]]:
+    rng = np.random.default_rng(7)
+    return {word: [round(float(v), 4) for v in rng.normal(0, 0.5, dim)] for word in words}
+
+
+def glove_text(vectors: dict[str, list[float]]) -> bytes:
+    return "".join(f"{word} {' '.join(map(str, vector))}\n" for word, vector in vectors.items()).encode()
+
+
+def test_glove_vectors_initialise_the_embedding_rows_of_the_words_they_hold():
+    vocabulary = Vocabulary.from_captions([["a", "red", "circle", "on", "white"], ["a", "blue", "star"]], 1)
+    vectors = glove_vectors(("red", "circle", "Blue", "zebra"))  # "Blue": a cased file's word, lowercased
+    found = read_glove(glove_text(vectors), "glove.txt", set(vocabulary.words))
+    assert found.dim == GLOVE_DIM and set(found.vectors) == {"red", "circle", "blue"}
+    config = DecoderConfig("merge", len(vocabulary), 8, feature_dim=16, embedding_dim=GLOVE_DIM, hidden_size=16)
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(config)
+    torch.manual_seed(0)
+    untouched = CaptionDecoder(config).embedding.weight.detach().clone()
+    assert initialise_embeddings(decoder, vocabulary, found.vectors) == 3
+    weight = decoder.embedding.weight
+    index = vocabulary.index
+    for word, key in (("red", "red"), ("circle", "circle"), ("blue", "Blue")):
+        assert weight[index[word]].tolist() == pytest.approx(vectors[key], abs=1e-6)
+    for word in ("a", "on", "white", "star", "<unk>", "startseq"):  # not in the file: random as before
+        assert torch.equal(weight[index[word]], untouched[index[word]])
+    assert not weight[0].any()  # <pad>
+    assert weight.requires_grad  # still trained
+
+
+def test_training_with_glove_vectors_takes_their_dimension_and_counts_the_words(scenes, cache):
+    vectors = glove_vectors((*GLOVE_WORDS, "zebra"))
+    zip_bytes = add_files(scenes, {"vectors/glove.8d.txt": glove_text(vectors)})
+    result = train(zip_bytes, cache, epochs=2, glove="vectors/glove.8d.txt", embedding_dim=128)
+    glove = result.metrics["glove"]
+    assert glove == result.output["glove"] == result.card["glove"]
+    assert glove == {"file": "vectors/glove.8d.txt", "dim": GLOVE_DIM, "words_found": len(GLOVE_WORDS),
+                     "vocabulary_words": result.metrics["vocabulary_size"] - 4}
+    assert result.card["config"]["embedding_dim"] == GLOVE_DIM  # the file's D, not the 128 asked for
+    assert result.output["dataset"]["feature_cache"]["misses"] == 0  # the same photos: the cache's features
+    model = load_caption_model(result.artifact, "cpu", result.card["encoder_weights_sha256"])
+    assert model.config.embedding_dim == GLOVE_DIM
+    # Trained from there: the rows moved off the file's vectors
+    red = model.decoder.embedding.weight[model.vocabulary.index["red"]]
+    assert not torch.allclose(red, torch.tensor(vectors["red"]))
+    assert result.metrics["history"][-1]["val_loss"] < result.metrics["history"][0]["val_loss"]
+
+
+@pytest.mark.parametrize(("text", "line", "problem"), [
+    (b"red 0.1 0.2\nblue 0.3\n", 2, "1 values where the first vector has 2"),
+    (b"red 0.1 0.2\n\nblue 0.3 0.4 0.5\n", 3, "inconsistent dimensions"),
+    (b"red 0.1 abc\n", 1, "must be numbers"),
+    (b"red 0.1 0.2\nblue 0.1 nan\n", 2, "must be finite"),
+    (b"red\n", 1, "expected `word v1 v2 ... vD`"),
+    (b"red 0.1 0.2\nbl\xffe 0.3 0.4\n", 2, "is not UTF-8"),
+])
+def test_bad_glove_files_name_the_line(text, line, problem):
+    with pytest.raises(ValueError, match=rf"^\[invalid_glove_file\] 'g.txt', line {line}: .*{re.escape(problem)}"):
+        read_glove(text, "g.txt", {"red", "blue"})
+    with pytest.raises(ValueError, match=r"^\[invalid_glove_file\] 'g.txt' holds no word vectors"):
+        read_glove(b"\n\n", "g.txt", {"red"})
+
+
+def test_a_bad_or_missing_glove_file_fails_the_job_with_its_code(scenes):
+    with pytest.raises(ValueError, match=r"^\[glove_not_found\] .*'glove.txt'"):
+        train(scenes, DictCache(), glove="glove.txt")
+    bad = add_files(scenes, {"glove.txt": b"red 0.1 0.2\nblue 0.3\n"})
+    with pytest.raises(ValueError, match=r"^\[invalid_glove_file\] 'glove.txt', line 2: "):
+        train(bad, DictCache(), glove="glove.txt")
