@@ -1,8 +1,10 @@
 """Object storage: one interface, two backends (a local directory, and S3 / MinIO via `minio`)."""
 
+import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -213,3 +215,22 @@ class StoredCache:
 
     def put(self, key: str, data: bytes) -> None:
         self.store.put(self._key(key), data)
+
+
+HASH_CHUNK_BYTES = 1024 * 1024
+
+
+def store_content_addressed(store: ObjectStore, file: BinaryIO, length: int, key_for: Callable[[str], str],
+                            content_type: str = "application/octet-stream") -> tuple[str, str]:
+    """Hash a (spooled) upload in chunks and store it under the key its sha256 gives, unless it is there
+    already; the upload is never held in memory whole. Returns (sha256, key)."""
+    file.seek(0)
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: file.read(HASH_CHUNK_BYTES), b""):
+        digest.update(chunk)
+    sha256 = digest.hexdigest()
+    key = key_for(sha256)
+    if not store.exists(key):
+        file.seek(0)
+        store.put_file(key, file, length, content_type=content_type)
+    return sha256, key

@@ -5,8 +5,8 @@ holding it in memory; the hostile-archive checks and the report (counts, duplica
 `analyze_dataset` job's, run by a worker. A dataset's status is its analysis job's.
 """
 
-import hashlib
 import zipfile
+from functools import partial
 from typing import BinaryIO
 
 from sqlalchemy.orm import Session
@@ -17,11 +17,10 @@ from percept.db.ids import new_id
 from percept.db.models import Dataset, Job, JobStatus
 from percept.errors import Conflict, ImageTooLarge, InvalidInput, NotFound
 from percept.infra import Infra
-from percept.storage import object_key_for
+from percept.storage import object_key_for, store_content_addressed
 from services.gateway.schemas import DatasetOut, DatasetStatus
 from services.gateway.usecases.jobs import JobRequest, submit_job
 
-HASH_CHUNK_BYTES = 1024 * 1024
 _ANALYSIS_MISSING = {"code": "analysis_missing",
                      "message": "This dataset's analysis is gone; upload the zip again to analyse it."}
 
@@ -63,15 +62,8 @@ def upload_dataset(session: Session, infra: Infra, tenant_id: str, name: str, up
                       "e.g. cats/1.jpg and dogs/1.jpg.")
 
     # 2. Store it under its content address
-    upload.seek(0)
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: upload.read(HASH_CHUNK_BYTES), b""):
-        digest.update(chunk)
-    sha256 = digest.hexdigest()
-    key = object_key_for(sha256, prefix="datasets")
-    if not infra.store.exists(key):
-        upload.seek(0)
-        infra.store.put_file(key, upload, size, content_type="application/zip")
+    sha256, key = store_content_addressed(infra.store, upload, size, partial(object_key_for, prefix="datasets"),
+                                          content_type="application/zip")
 
     # 3. Record it, and have it analysed
     dataset = dataset_repo.add_dataset(session, Dataset(

@@ -1,6 +1,5 @@
 """The model registry as clients see it, and the jobs that add to it: training, ensembles and imports."""
 
-import hashlib
 import zipfile
 from typing import BinaryIO
 
@@ -13,7 +12,7 @@ from percept.errors import Conflict, ImageTooLarge, InvalidInput, NotFound
 from percept.infra import Infra
 from percept.predictor import parse_model_ref
 from percept.services import catalog
-from percept.storage import import_key_for
+from percept.storage import import_key_for, store_content_addressed
 from services.gateway.schemas import ModelImportParams, ModelOut, ModelVersionOut, TrainClassifierParams
 from services.gateway.usecases.datasets import ready_dataset
 from services.gateway.usecases.jobs import JobRequest, submit_job
@@ -27,7 +26,6 @@ CLASSIFY = "classify"
 # that serves such models) that validates the checkpoint by loading it in one of that service's workers.
 IMPORT_KINDS = {"caption": "caption", "image-to-text": "caption"}
 IMPORT_JOBS = {"caption": "import_captioner"}
-HASH_CHUNK_BYTES = 1024 * 1024
 
 
 def _grouped(rows: list[Model]) -> list[ModelOut]:
@@ -134,15 +132,7 @@ def import_model(session: Session, infra: Infra, tenant_id: str, params: ModelIm
                       "`save_pretrained` wrote (config.json, weights, tokenizer and preprocessor files).")
 
     # 3. Store it under its content address; the job reads it from there
-    upload.seek(0)
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: upload.read(HASH_CHUNK_BYTES), b""):
-        digest.update(chunk)
-    sha256 = digest.hexdigest()
-    key = import_key_for(sha256)
-    if not infra.store.exists(key):
-        upload.seek(0)
-        infra.store.put_file(key, upload, size, content_type="application/zip")
+    sha256, key = store_content_addressed(infra.store, upload, size, import_key_for, content_type="application/zip")
     return submit_job(session, infra, tenant_id, JobRequest(
         kind=job_kind, params={"name": params.name, "kind": model_kind},
         inputs=[{"object_key": key, "sha256": sha256}], idempotency_key=idempotency_key))
