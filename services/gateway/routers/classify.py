@@ -5,7 +5,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.intake import read_job_request
-from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
+from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted, image_job_body
 from services.gateway.schemas import ClassifyParams, JobOut
 from services.gateway.usecases.jobs import JobRequest, submit_job
 
@@ -13,13 +13,7 @@ router = APIRouter(prefix="/v1", tags=["classify"])
 
 
 @router.post("/classify", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
-             openapi_extra={"requestBody": {"content": {
-                 "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-                     "image": {"type": "string", "format": "binary", "description": "file, or an image id"},
-                     **ClassifyParams.model_json_schema()["properties"]}}},
-                 "application/json": {"schema": {"type": "object", "required": ["image"], "properties": {
-                     "image": {"type": "string", "description": "an image id"},
-                     **ClassifyParams.model_json_schema()["properties"]}}}}}})
+             openapi_extra=image_job_body("image", params=ClassifyParams, json_too=True))
 async def classify(request: Request, response: Response, session: SessionDep, infra: InfraDep, events: EventsDep,
                    tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                    prefer: PreferHeader = None) -> JobOut:

@@ -14,7 +14,14 @@ from percept.infra import Infra
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.events import JobEvents
 from services.gateway.intake import read_job_request
-from services.gateway.routers.jobs import ERRORS, JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
+from services.gateway.routers.jobs import (
+    ERRORS,
+    JOB_RESPONSES,
+    IdempotencyHeader,
+    PreferHeader,
+    accepted,
+    image_job_body,
+)
 from services.gateway.schemas import (
     CollectionIn,
     CollectionOut,
@@ -36,15 +43,6 @@ router = APIRouter(prefix="/v1", tags=["faces"])
 CONFLICT: Responses = {409: {"model": ErrorOut}}
 
 
-def _image_form(*fields: str, params: type[BaseModel]) -> dict:
-    """The OpenAPI request body of a job POST with image fields (files or image ids)."""
-    properties = {name: {"type": "string", "format": "binary", "description": "file, or an image id"}
-                  for name in fields}
-    schema = {"type": "object", "required": list(fields),
-              "properties": {**properties, **params.model_json_schema()["properties"]}}
-    return {"requestBody": {"content": {"multipart/form-data": {"schema": schema}}}}
-
-
 async def _submit(request: Request, response: Response, session: Session, infra: Infra, events: JobEvents,
                   tenant_id: str, kind: str, params_model: type[BaseModel], image_fields: tuple[str, ...],
                   idempotency_key: str | None, prefer: str | None,
@@ -61,7 +59,7 @@ async def _submit(request: Request, response: Response, session: Session, infra:
 
 
 @router.post("/faces/detect", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
-             openapi_extra=_image_form("image", params=FaceDetectParams))
+             openapi_extra=image_job_body("image", params=FaceDetectParams))
 async def detect_faces(request: Request, response: Response, session: SessionDep, infra: InfraDep,
                        events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                        prefer: PreferHeader = None) -> JobOut:
@@ -71,7 +69,7 @@ async def detect_faces(request: Request, response: Response, session: SessionDep
 
 
 @router.post("/faces/verify", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
-             openapi_extra=_image_form("image_a", "image_b", params=FaceVerifyParams))
+             openapi_extra=image_job_body("image_a", "image_b", params=FaceVerifyParams))
 async def verify_faces(request: Request, response: Response, session: SessionDep, infra: InfraDep,
                        events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                        prefer: PreferHeader = None) -> JobOut:
@@ -81,7 +79,7 @@ async def verify_faces(request: Request, response: Response, session: SessionDep
 
 
 @router.post("/faces/identify", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
-             openapi_extra=_image_form("image", params=FaceIdentifyParams))
+             openapi_extra=image_job_body("image", params=FaceIdentifyParams))
 async def identify_faces(request: Request, response: Response, session: SessionDep, infra: InfraDep,
                          events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                          prefer: PreferHeader = None) -> JobOut:
@@ -92,7 +90,7 @@ async def identify_faces(request: Request, response: Response, session: SessionD
 
 
 @router.post("/memes", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
-             openapi_extra=_image_form("image", params=MemeParams))
+             openapi_extra=image_job_body("image", params=MemeParams))
 async def make_meme(request: Request, response: Response, session: SessionDep, infra: InfraDep, events: EventsDep,
                     tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                     prefer: PreferHeader = None) -> JobOut:
@@ -102,7 +100,7 @@ async def make_meme(request: Request, response: Response, session: SessionDep, i
 
 
 @router.post("/collections/{collection}/subjects/{subject}/faces", status_code=202, response_model=JobOut,
-             responses=JOB_RESPONSES, openapi_extra=_image_form("image", params=EnrollParams))
+             responses=JOB_RESPONSES, openapi_extra=image_job_body("image", params=EnrollParams))
 async def enroll_face(collection: str, subject: str, request: Request, response: Response, session: SessionDep,
                       infra: InfraDep, events: EventsDep, tenant_id: TenantDep,
                       idempotency_key: IdempotencyHeader = None, prefer: PreferHeader = None) -> JobOut:

@@ -1,9 +1,10 @@
 """Jobs: read, list, long-poll, stream and cancel."""
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -34,7 +35,24 @@ JOB_RESPONSES: Responses = {
 PreferHeader = Annotated[str | None, Header(description="`wait=N`: hold the answer up to N s (max 60) for the "
                                                         "job to end")]
 IdempotencyHeader = Annotated[str | None, Header(max_length=200,
-                                                 description="Same key + same body: the same job, for 24 h")]
+                                                 description="Same key + same body: the same job (a key stays "
+                                                             "bound to its first job)")]
+
+
+def image_job_body(*fields: str, params: type[BaseModel], json_too: bool = False) -> dict[str, Any]:
+    """The OpenAPI request body of a job POST with image fields: multipart (files or image ids), and with
+    `json_too` also JSON (image ids)."""
+    properties = params.model_json_schema()["properties"]
+
+    def schema(image: dict[str, str]) -> dict[str, Any]:
+        return {"type": "object", "required": list(fields), "properties": {
+            **{name: image for name in fields}, **properties}}
+
+    content = {"multipart/form-data": {"schema": schema(
+        {"type": "string", "format": "binary", "description": "file, or an image id"})}}
+    if json_too:
+        content["application/json"] = {"schema": schema({"type": "string", "description": "an image id"})}
+    return {"requestBody": {"content": content}}
 
 
 async def accepted(response: Response, session: Session, infra: Infra, events: JobEvents, tenant_id: str,
