@@ -71,7 +71,7 @@ class WorkerPool:
     queues: tuple[str, ...]
     # Batching pools run the solo pool: with a process pool, celery-batches' timer hands the busy child
     # one-message batches and batches never form. Celery's time limits need prefork, so they do not
-    # apply to solo pools (inference takes milliseconds).
+    # apply to solo pools: PERCEPT_INFERENCE_DEADLINE bounds a predict() call there instead.
     pool: str = "prefork"
     uses_gpu: bool = False  # k8s requests `nvidia.com/gpu` for it and it runs on the GPU node pool
 
