@@ -11,6 +11,7 @@ second, greedy and beam-3, at batch 1 and batch 16 (direct), and at 1 and 16 con
 
 import argparse
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,19 +20,6 @@ import httpx
 from harness import add_device_argument, apply_device, running_platform
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-class DictCache:
-    """The FeatureCache contract in memory (the worker's is object storage)."""
-
-    def __init__(self) -> None:
-        self.items: dict[str, bytes] = {}
-
-    def get(self, key: str) -> bytes | None:
-        return self.items.get(key)
-
-    def put(self, key: str, data: bytes) -> None:
-        self.items[key] = data
 
 
 def captions_per_second(predictor, images, batch_size: int, beam_width: int, seconds: float = 4.0) -> float:
@@ -67,7 +55,11 @@ def main() -> None:
 
     params = {"name": "bench", "epochs": args.epochs, "min_word_count": 1, "seed": 0}
     zip_bytes = scenes_zip(args.images, seed=0)
-    cache = DictCache()
+    # The worker's cache: object storage (here a local directory), as the platform runs it.
+    from percept.storage import StoredCache, object_store_from_url
+
+    cache_dir = Path(tempfile.mkdtemp(prefix="percept-bench-captioner-"))
+    cache = StoredCache(object_store_from_url(cache_dir.as_uri()), "cache")
     trainer = CaptionerTrainer()
     print(f"device: {trainer.device.description}; {args.images} scenes at 96 px, {args.epochs} epochs")
 

@@ -18,6 +18,7 @@ from services.captioner.model import load_caption_model
 from services.captioner.predictor import LSTMCaptioner
 from services.captioner.training import CaptionerTrainer
 from tests.scenes import add_files, make_scenes, scenes_zip
+from tests.services.captioner.test_lstm_captioner import DictCache
 
 ENCODER_PATH = "encoders/tiny-cnn.pt"
 FEATURES = 16
@@ -44,17 +45,6 @@ def torchscript(module: nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(module.eval()), buffer)
     return buffer.getvalue()
-
-
-class DictCache:
-    def __init__(self) -> None:
-        self.items: dict[str, bytes] = {}
-
-    def get(self, key: str) -> bytes | None:
-        return self.items.get(key)
-
-    def put(self, key: str, data: bytes) -> None:
-        self.items[key] = data
 
 
 def train(zip_bytes: bytes, cache: DictCache, **params) -> TrainingResult:
