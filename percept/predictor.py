@@ -26,6 +26,11 @@ class ModelInfo:
     sha256: str | None
     device: str = "cpu"  # as used: "cpu" or "cuda:0 (NVIDIA H100 80GB HBM3)"
     libraries: dict[str, str] = field(default_factory=dict)
+    # What the loaded model holds on its device (0: not measured), and that device's memory for models when it
+    # is an accelerator's (0: unbounded, e.g. the CPU): the worker's model cache keeps the models it serves
+    # warm within it, evicting the least recently used.
+    memory_bytes: int = 0
+    device_memory_bytes: int = 0
 
 
 @dataclass
@@ -142,6 +147,40 @@ def report_step(on_step: StepCallback | Callable[..., None] | None, done: int, t
     where a long job stops."""
     if on_step is not None:
         on_step(done, total, info)
+
+
+@dataclass(frozen=True)
+class ChildJob:
+    """One child job a fan-out makes (a grid's cell): a job of `kind` with these parameters."""
+
+    kind: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    """A child job as it ended, in the order `FanOut.children` made them."""
+
+    id: str
+    status: str  # succeeded | failed | canceled
+    params: dict[str, Any]
+    output: dict[str, Any] | None
+    error: dict[str, Any] | None
+
+
+class FanOut(Protocol):
+    """A job kind that fans out (see `percept.services.JobKind.fan_out`). The runtime calls `children` when the
+    parent job first runs, records them in the same transaction that sets the parent waiting, and sends them;
+    when the last child ends (succeeded, failed or canceled: one failed child fails only itself), the parent
+    runs again and `gather` turns the children's results into its output. Neither knows the database."""
+
+    def children(self, params: dict[str, Any]) -> list[ChildJob]:
+        """The child jobs of a parent with these (normalised) parameters, in a stable order."""
+
+    def gather(self, params: dict[str, Any], children: list[ChildResult],
+               read_image: Callable[[str], bytes]) -> dict[str, Any]:
+        """The parent's output from its children's results; `read_image(image_id)` reads an image the children
+        made. Raise ValueError("[code] sentence") to fail the parent."""
 
 
 @cache

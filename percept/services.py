@@ -18,6 +18,7 @@ SERVICE_MODULES: tuple[str, ...] = (
     "services.classifier.service",
     "services.facerec.service",
     "services.captioner.service",
+    "services.diffusion.service",
 )
 
 # Dataset analysis (POST /v1/datasets) is the platform's own job, run by any worker pool that lists
@@ -45,10 +46,22 @@ class JobKind:
     finalizer: str | None = None
     # "module:function" output -> the text `GET /v1/jobs?q=` searches (labels, captions, prompts).
     search_text: str | None = None
-    # Fans out into child jobs (a grid): only these need their children listed.
-    has_children: bool = False
+    # "module:Class", a `percept.predictor.FanOut`: the kind fans out into child jobs (a grid's cells), and
+    # runs again once they have all ended, to gather their results (a grid's contact sheets).
+    fan_out: str | None = None
+    # The registry kind of the models that serve it (what `model` may name); default: the job kind's name.
+    model_kind: str | None = None
     # Many jobs of this kind share one predict() call (micro-batching).
     batched: bool = False
+
+    @property
+    def has_children(self) -> bool:
+        return self.fan_out is not None
+
+    @property
+    def serves(self) -> str:
+        """The registry kind of the models that serve this kind."""
+        return self.model_kind or self.name
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,10 @@ class ObjectStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def list(self, prefix: str) -> list[str]:
+        """The keys under `prefix` (a folder, e.g. `checkpoints/sd15/`), sorted."""
+        ...
+
     def delete(self, key: str) -> None: ...
 
     def ping(self) -> None:
@@ -95,6 +99,12 @@ class LocalObjectStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        folder = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root.resolve()
+        root = self.root.resolve()
+        return sorted(path.relative_to(root).as_posix() for path in folder.rglob("*")
+                      if path.is_file()) if folder.is_dir() else []
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -168,6 +178,11 @@ class S3ObjectStore:
             return True
         except NotFound:
             return False
+
+    def list(self, prefix: str) -> list[str]:
+        folder = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+        return sorted(item.object_name for item in self._call(
+            lambda: list(self.client.list_objects(self.bucket, prefix=folder, recursive=True))))
 
     def delete(self, key: str) -> None:
         self._call(self.client.remove_object, self.bucket, key)

@@ -32,7 +32,15 @@ from percept.db.session import session_scope
 from percept.errors import DependencyUnavailable, PerceptError
 from percept.imaging import decode_rgb
 from percept.infra import Infra
-from percept.predictor import JobCanceled, ModelArtifact, ModelInfo, PredictRequest, TrainingData, parse_model_ref
+from percept.predictor import (
+    ChildResult,
+    JobCanceled,
+    ModelArtifact,
+    ModelInfo,
+    PredictRequest,
+    TrainingData,
+    parse_model_ref,
+)
 from percept.queue import publish_job_event, send_job
 from percept.services import catalog, import_by_name
 from percept.storage import StoredCache, object_key_for
@@ -66,6 +74,15 @@ def is_training(kind: str) -> bool:
     return catalog().kind(kind).trainer is not None
 
 
+def is_fan_out(kind: str) -> bool:
+    return catalog().kind(kind).fan_out is not None
+
+
+def is_inference(kind: str) -> bool:
+    """Served by a model's predictor (neither a trainer nor a fan-out runs it)."""
+    return not is_training(kind) and not is_fan_out(kind)
+
+
 @dataclass
 class ClaimedJob:
     id: str
@@ -77,6 +94,7 @@ class ClaimedJob:
     inputs: list[dict[str, Any]]
     created_at: datetime
     started_at: datetime
+    parent_id: str | None = None
     request: PredictRequest | None = None
     model_info: ModelInfo | None = None
     image_keys: list[str] = field(default_factory=list)  # the input images' object keys
@@ -87,6 +105,8 @@ class ClaimedJob:
     output: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     claimed_at: float = field(default_factory=time.monotonic)
+    waiting: bool = False  # a fan-out parent that made its children (or found some still running): no result yet
+    children: int = 0  # a fan-out parent's, once gathered
 
 
 class Heartbeat:
@@ -159,9 +179,9 @@ class JobRuntime:
     def _claim(self, job_ids: list[str]) -> list[ClaimedJob]:
         with session_scope(self.infra.database_url) as session:
             claimed = [ClaimedJob(job.id, job.tenant_id, job.kind, job.attempts, job.model_name or "", job.params,
-                                  job.inputs, job.created_at, job.started_at or job.created_at)
+                                  job.inputs, job.created_at, job.started_at or job.created_at, job.parent_id)
                        for job in job_repo.claim(session, list(dict.fromkeys(job_ids)), self.worker_name)]
-            inference = [job for job in claimed if not is_training(job.kind)]
+            inference = [job for job in claimed if is_inference(job.kind)]
             images = image_repo.get_images(
                 session, [item["image_id"] for job in inference for item in job.inputs]) if inference else {}
             for job in inference:
@@ -204,7 +224,9 @@ class JobRuntime:
                 for job in jobs:
                     if is_training(job.kind):
                         self._train(job)
-                for group in self._group_by_model([job for job in jobs if not is_training(job.kind)]):
+                    elif is_fan_out(job.kind):
+                        self._fan_out(job)
+                for group in self._group_by_model([job for job in jobs if is_inference(job.kind)]):
                     if heartbeat.gave_up:
                         break
                     loaded = self._load_model(group[0].model_row)
@@ -306,6 +328,68 @@ class JobRuntime:
                              weights_sha256=sha256, predictor=result.predictor, artifact_key=key,
                              metrics=result.metrics, card=card, device=result.device)
 
+    # 3c. Fan out: make the children (the first run), or gather their results (the run after the last one ended)
+    def _fan_out(self, job: ClaimedJob) -> None:
+        kind = catalog().kind(job.kind)
+        assert kind.fan_out is not None
+        fan_out = import_by_name(kind.fan_out)()
+        started = time.perf_counter()
+        with session_scope(self.infra.database_url) as session:
+            children = job_repo.children_of(session, job.id)
+            if children and any(not child.status.is_terminal() for child in children):
+                # Sent again before its children ended (a duplicate message): wait for them again
+                job.waiting = job_repo.add_children(session, job.id, job.attempt, job.tenant_id, []) is not None
+                job_repo.wake_parents(session, [job.id])  # the progress, as counted now
+                session.commit()
+                return
+            results = [ChildResult(child.id, child.status.value, child.params, child.output, child.error)
+                       for child in children]
+            if not children:
+                try:
+                    made = fan_out.children(job.params)
+                except ValueError as exc:
+                    job.error = input_error(exc)
+                    return
+                if not made:
+                    job.error = {"code": "no_children", "message": "This job has nothing to do."}
+                    return
+                rows = job_repo.add_children(session, job.id, job.attempt, job.tenant_id,
+                                             [(c.kind, catalog().kind(c.kind).queue, c.params) for c in made])
+                session.commit()
+                job.waiting = True  # its result is written when it runs again, after its children
+                if rows is None:
+                    log.warning("job %s attempt %d lost its claim before fanning out", job.id, job.attempt)
+                    return
+                for row in rows:
+                    try:
+                        send_job(self.infra.broker_url, row.kind, row.id)
+                    except DependencyUnavailable:
+                        log.warning("broker unavailable; child %s stays queued for the sweeper", row.id)
+                        break
+                publish_job_event(self.infra.broker_url, job.id, "running")
+                return
+            images = image_repo.get_images(session, [image["image_id"] for child in results if child.output
+                                                     for image in child.output.get("images", [])])
+
+        def read_image(image_id: str) -> bytes:
+            image = images.get(image_id)
+            if image is None or image.tenant_id != job.tenant_id:
+                raise ValueError(f"[input_not_found] Image {image_id!r} of a child job no longer exists.")
+            return self.infra.store.get(image.object_key)
+
+        job.children = len(results)
+        try:
+            job.output = fan_out.gather(job.params, results, read_image)
+        except DependencyUnavailable:
+            raise
+        except ValueError as exc:
+            job.error = input_error(exc)
+        except Exception:
+            log.exception("gathering the children of job %s failed", job.id)
+            job.error = {"code": "internal_error", "message": "Gathering this job's results failed unexpectedly; "
+                                                              "we have the log."}
+        job.timings = {"inference": round((time.perf_counter() - started) * 1000, 2)}
+
     def _load_model(self, row: Model | None) -> LoadedModel:
         """The row's predictor, set up once per process; the registry records the device it runs on."""
         assert row is not None  # _group_by_model failed the jobs without one
@@ -379,12 +463,20 @@ class JobRuntime:
         written = []
         with session_scope(self.infra.database_url) as session:
             for job in jobs:
+                if job.waiting:
+                    continue
                 status = self._write_result(session, job)
                 if status is not None:
                     written.append((job.id, status.value))
+            # Children that ended bring their parents' progress up to date, in the same transaction (and wake
+            # the parent of a last child), so a parent never misses the end of one.
+            parents = job_repo.wake_parents(session, [job.parent_id for job in jobs
+                                                      if job.parent_id and not job.waiting])
+            woken = [(parent.kind, parent.id, status) for parent, status in parents]
             session.commit()
         for job_id, status_name in written:
             publish_job_event(self.infra.broker_url, job_id, status_name)
+        send_woken_parents(self.infra.broker_url, woken)
 
     def _write_result(self, session: Session, job: ClaimedJob) -> JobStatus | None:
         """One job's result with its side effects (its finalizer's, a model to register), in a savepoint of
@@ -432,7 +524,8 @@ class JobRuntime:
             job.output = {"model": {"name": model.name, "version": model.version}, **(job.output or {})}
             job.model_info = ModelInfo(model.name, model.version, model.weights_sha256, device=job.device or "cpu")
         return job_repo.finish(session, job.id, job.attempt, status, output=job.output, error=job.error,
-                               provenance=self._provenance(job), search_text=search_text_of(job.kind, job.output))
+                               provenance=self._provenance(job), search_text=search_text_of(job.kind, job.output),
+                               done=job.children or 1)
 
     def _retry_later(self, jobs: list[ClaimedJob], reason: str) -> None:
         """A dependency went away mid-job: release the jobs and send them again with backoff."""
@@ -502,6 +595,18 @@ class JobRuntime:
             "batch_size": job.timings.get("batch_size", 1),
             "timings_ms": timings,
         }
+
+
+def send_woken_parents(broker_url: str, woken: list[tuple[str, str, JobStatus]]) -> None:
+    """After the commit that woke them: a parent queued again is sent (to gather its children; if the broker is
+    away the sweeper sends it later), and every changed parent's watchers are told."""
+    for kind, job_id, status in woken:
+        if status is JobStatus.QUEUED:
+            try:
+                send_job(broker_url, kind, job_id)
+            except DependencyUnavailable:
+                log.warning("broker unavailable; parent job %s stays queued for the sweeper", job_id)
+        publish_job_event(broker_url, job_id, "running" if status is JobStatus.QUEUED else status.value)
 
 
 class _ClaimLost(Exception):

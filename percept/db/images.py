@@ -4,7 +4,10 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from percept.db.ids import new_id
 from percept.db.models import Image
+from percept.imaging import inspect_image
+from percept.storage import ObjectStore, object_key_for
 
 
 def get_image(session: Session, tenant_id: str, image_id: str) -> Image | None:
@@ -22,3 +25,17 @@ def add_image(session: Session, image: Image) -> Image:
         index_elements=[Image.tenant_id, Image.sha256]))
     return session.scalars(select(Image).where(Image.tenant_id == image.tenant_id,
                                                Image.sha256 == image.sha256)).one()
+
+
+def add_job_image(session: Session, store: ObjectStore, max_pixels: int, tenant_id: str, job_id: str,
+                  data: bytes) -> Image:
+    """An image a job made (a meme, a generated picture, a contact sheet): its bytes stored under their content
+    address and recorded as the tenant's, linked to the job (the same bytes made again keep their first row)."""
+    facts = inspect_image(data, max_pixels)
+    key = object_key_for(facts.sha256)
+    if not store.exists(key):
+        store.put(key, data, content_type=facts.content_type)
+    return add_image(session, Image(
+        id=new_id("img"), tenant_id=tenant_id, sha256=facts.sha256, object_key=key, format=facts.format,
+        content_type=facts.content_type, width=facts.width, height=facts.height, bytes=facts.bytes,
+        source_job_id=job_id))

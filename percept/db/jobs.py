@@ -27,6 +27,12 @@ def child_ids(session: Session, job_id: str) -> list[str]:
     return list(session.scalars(select(Job.id).where(Job.parent_id == job_id).order_by(Job.id)))
 
 
+def children_of(session: Session, job_id: str) -> list[Job]:
+    """A parent's child jobs in the order its fan-out made them (`child` in their params)."""
+    rows = list(session.scalars(select(Job).where(Job.parent_id == job_id)))
+    return sorted(rows, key=lambda job: (job.params.get("child", 0), job.id))
+
+
 def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
     """The tenant's job of this key, however old: a key stays bound to its job (the unique index says so)."""
     return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
@@ -113,19 +119,20 @@ def set_progress(session: Session, job_id: str, attempt: int, progress: dict[str
 
 def finish(session: Session, job_id: str, attempt: int, status: JobStatus, *,
            output: dict[str, Any] | None = None, error: dict[str, Any] | None = None,
-           provenance: dict[str, Any] | None = None, search_text: str | None = None) -> JobStatus | None:
+           provenance: dict[str, Any] | None = None, search_text: str | None = None,
+           done: int = 1) -> JobStatus | None:
     """running -> terminal, only for the attempt that holds the job. A success whose cancel was requested
-    meanwhile ends canceled (the last step boundary). Returns the status written; None: another attempt
-    owns the job now."""
+    meanwhile ends canceled (the last step boundary); a success's progress is `done` of `done` (a parent's: its
+    children). Returns the status written; None: another attempt owns the job now."""
     assert status.is_terminal()
     holds = (Job.id == job_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
     values: dict[str, Any] = {"status": status, "output": output, "error": error, "finished_at": func.now(),
-                              "search_text": search_text, "progress": {"done": 1, "total": 1}}
+                              "search_text": search_text, "progress": {"done": done, "total": done}}
     if provenance is not None:
         values["provenance"] = provenance
     if status is JobStatus.SUCCEEDED:
-        done = session.execute(update(Job).where(*holds, Job.cancel_requested.is_(False)).values(**values))
-        if rowcount(done) == 1:
+        written = session.execute(update(Job).where(*holds, Job.cancel_requested.is_(False)).values(**values))
+        if rowcount(written) == 1:
             return status
         status = JobStatus.CANCELED
         values |= {"status": status, "output": None, "search_text": None,
@@ -255,3 +262,79 @@ def job_totals_by_id(session: Session, ids: list[str]
                       (1, int(seconds is not None), (seconds or 0.0) / 1000))
                      for job_id, kind, status, name, seconds in rows)
     return found
+
+
+# -- fan-out: a parent job waits for its children --------------------------------------------------------------
+# A parent that has made its children stays `running` with no lease (no worker, no heartbeat: the sweeper's
+# lease check passes it by) while they run; the end of its last child sends it again to gather their results.
+
+def add_children(session: Session, parent_id: str, attempt: int, tenant_id: str,
+                 children: list[tuple[str, str, dict[str, Any]]]) -> list[Job] | None:
+    """Record a parent's children (kind, queue, params) as queued jobs and set the parent waiting for them, in
+    the transaction of the caller; None (and nothing recorded) when this attempt no longer holds the parent."""
+    waiting = session.execute(
+        update(Job).where(Job.id == parent_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
+        .values(worker=None, heartbeat_at=None, progress={"done": 0, "total": len(children), "stage": "children"}))
+    if rowcount(waiting) != 1:
+        return None
+    jobs = []
+    for index, (kind, queue, params) in enumerate(children):
+        job = queued_job(tenant_id, kind, queue, {**params, "child": index}, [])
+        job.parent_id = parent_id
+        session.add(job)
+        jobs.append(job)
+    session.flush()
+    return jobs
+
+
+def wake_parents(session: Session, parent_ids: list[str]) -> list[tuple[Job, JobStatus]]:
+    """After children ended: each waiting parent's progress is brought up to date, and a parent whose children
+    have all ended is queued again (to gather them; the caller sends it after the commit), or canceled if its
+    cancel was asked for. Returns the parents changed, with the status each has now."""
+    changed = []
+    for parent_id in sorted(set(parent_ids)):  # a fixed order: two callers never wait on each other's parents
+        parent = session.scalar(select(Job).where(Job.id == parent_id).with_for_update())
+        if parent is None or parent.status is not JobStatus.RUNNING or parent.heartbeat_at is not None:
+            continue  # not waiting: gathering already, or ended
+        counts = dict(session.execute(select(Job.status, func.count()).where(Job.parent_id == parent_id)
+                                      .group_by(Job.status)).tuples().all())
+        total = sum(counts.values())
+        ended = sum(n for status, n in counts.items() if status.is_terminal())
+        parent.progress = {"done": ended, "total": total, "stage": "children",
+                           **{status.value: n for status, n in counts.items() if status.is_terminal()}}
+        if ended < total:
+            changed.append((parent, JobStatus.RUNNING))
+        elif parent.cancel_requested:
+            parent.status, parent.finished_at = JobStatus.CANCELED, func.now()
+            parent.error = {"code": "canceled", "message": "The job was canceled; its children that had not "
+                                                           "ended were canceled with it."}
+            changed.append((parent, JobStatus.CANCELED))
+        else:
+            parent.status, parent.queued_at = JobStatus.QUEUED, func.now()
+            changed.append((parent, JobStatus.QUEUED))
+    session.flush()
+    return changed
+
+
+def waiting_parents_done(session: Session, limit: int = 500) -> list[str]:
+    """Waiting parents none of whose children is pending any more (their last child ended where no one woke
+    them: a lost worker, a give-up): the sweeper wakes them."""
+    waiting = list(session.scalars(select(Job.id).where(Job.status == JobStatus.RUNNING, Job.heartbeat_at.is_(None))
+                                   .limit(limit)))
+    if not waiting:
+        return []
+    busy = set(session.scalars(select(Job.parent_id).where(Job.parent_id.in_(waiting), Job.status.in_(PENDING))))
+    return [job_id for job_id in waiting if job_id not in busy]
+
+
+def cancel_children(session: Session, parent_id: str) -> list[str]:
+    """Cancel a parent's children that have not ended (queued: at once; running: at their next step boundary).
+    Returns the ids of those canceled at once."""
+    ended = list(session.scalars(
+        update(Job).where(Job.parent_id == parent_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELED, cancel_requested=True, finished_at=func.now(),
+                error={"code": "canceled", "message": "The job's parent was canceled before this job started."})
+        .returning(Job.id)))
+    session.execute(update(Job).where(Job.parent_id == parent_id, Job.status == JobStatus.RUNNING)
+                    .values(cancel_requested=True))
+    return ended

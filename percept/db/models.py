@@ -70,7 +70,7 @@ class ApiKey(Base):
 class Image(Base):
     __tablename__ = "images"
     __mapper_args__ = {"eager_defaults": True}  # server defaults come back on INSERT
-    __table_args__ = (UniqueConstraint("tenant_id", "sha256"),)
+    __table_args__ = (UniqueConstraint("tenant_id", "sha256"), Index("ix_images_tenant_id_id", "tenant_id", "id"))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -83,6 +83,30 @@ class Image(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     # The job that produced this image, for generated images (memes, diffusion); null for uploads.
     source_job_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Generation(Base):
+    """The provenance of a generated image (role `image`) or a grid's contact sheet (role `card`): what made
+    it, searchable. The image's PNG carries the same record in its text chunks, less the job and grid ids."""
+
+    __tablename__ = "generations"
+    __mapper_args__ = {"eager_defaults": True}
+    __table_args__ = (Index("ix_generations_tenant_id_image_id", "tenant_id", "image_id"),)
+
+    image_id: Mapped[str] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    grid_id: Mapped[str | None] = mapped_column(String(40), index=True)  # the grid's (parent) job id
+    role: Mapped[str] = mapped_column(String(10))  # image | card
+    prompt: Mapped[str | None] = mapped_column(Text)
+    negative_prompt: Mapped[str | None] = mapped_column(Text)
+    subject: Mapped[str | None] = mapped_column(Text)
+    style: Mapped[str | None] = mapped_column(Text)
+    model_name: Mapped[str | None] = mapped_column(String(200))
+    model_version: Mapped[str | None] = mapped_column(String(40))
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    record: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 

@@ -5,7 +5,6 @@ savepoint of its own, so one that raises (a JobError names the job's error code)
 
 The one module of the service that touches the database: predictors stay free of it (import-linter)."""
 
-import hashlib
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -13,11 +12,8 @@ from sqlalchemy.orm import Session
 
 from percept.db import faces as face_repo
 from percept.db import images as image_repo
-from percept.db.ids import new_id
-from percept.db.models import Image
 from percept.errors import JobError
 from percept.infra import Infra
-from percept.storage import object_key_for
 
 # An embedding whose subject (or its collection, which takes its subjects with it) is gone violates one of these.
 SUBJECT_FOREIGN_KEYS = {"fk_face_embeddings_subject_id_subjects", "fk_face_embeddings_collection_id_collections"}
@@ -65,14 +61,6 @@ def identify_faces(infra: Infra, session: Session, tenant_id: str, job_id: str, 
 def store_meme(infra: Infra, session: Session, tenant_id: str, job_id: str, params: dict[str, Any],
                inputs: list[dict[str, Any]], output: dict[str, Any]) -> dict[str, Any]:
     """The rendered meme becomes an image of the tenant's, linked to the job that made it."""
-    from percept.imaging import inspect_image
-
-    data = output.pop("image_png")
-    facts = inspect_image(data, infra.settings.max_image_pixels)
-    key = object_key_for(hashlib.sha256(data).hexdigest())
-    infra.store.put(key, data, content_type=facts.content_type)
-    image = image_repo.add_image(session, Image(
-        id=new_id("img"), tenant_id=tenant_id, sha256=facts.sha256, object_key=key, format=facts.format,
-        content_type=facts.content_type, width=facts.width, height=facts.height, bytes=facts.bytes,
-        source_job_id=job_id))
+    image = image_repo.add_job_image(session, infra.store, infra.settings.max_image_pixels, tenant_id, job_id,
+                                     output.pop("image_png"))
     return {"image_id": image.id, **output, "source_image_id": inputs[0]["image_id"]}

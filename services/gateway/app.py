@@ -24,7 +24,18 @@ from services.gateway.events import JobEvents
 from services.gateway.intake import validation_message
 from services.gateway.metrics import make_registry
 from services.gateway.ratelimit import TenantRateLimit, WrongKeyLimit, limits_storage
-from services.gateway.routers import caption, classify, faces, health, images, jobs, models, training, webhooks
+from services.gateway.routers import (
+    caption,
+    classify,
+    faces,
+    generate,
+    health,
+    images,
+    jobs,
+    models,
+    training,
+    webhooks,
+)
 from services.gateway.webhooks import WebhookSender
 
 log = logging.getLogger("percept.gateway")
@@ -140,7 +151,7 @@ def create_app(settings: Settings | None = None, infra: Infra | None = None) -> 
     app = FastAPI(title="Percept", version="1", lifespan=lifespan,
                   description="Image-AI jobs: classification, captioning, faces and diffusion behind one API.")
     for router in (health.router, images.router, jobs.router, classify.router, caption.router, models.router,
-                   training.router, faces.router, webhooks.router):
+                   training.router, faces.router, generate.router, webhooks.router):
         app.include_router(router)
 
     @app.exception_handler(PerceptError)

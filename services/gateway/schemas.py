@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from percept.db.models import Image, Job, Webhook, WebhookDelivery
+from percept.db.models import Generation, Image, Job, Webhook, WebhookDelivery
 
 
 class ErrorBody(BaseModel):
@@ -24,6 +24,9 @@ class ErrorOut(BaseModel):
 Responses = dict[int | str, dict[str, Any]]
 
 
+ImageKind = Literal["uploaded", "generated", "card"]
+
+
 class ImageOut(BaseModel):
     id: str
     sha256: str
@@ -32,11 +35,26 @@ class ImageOut(BaseModel):
     format: str
     bytes: int
     created_at: datetime
+    kind: ImageKind = Field("uploaded", description="`uploaded`; `generated` (diffusion, memes); `card` (a "
+                                                    "grid's contact sheet)")
+    source_job_id: str | None = Field(None, description="The job that made a generated image")
+    generation: dict[str, Any] | None = Field(
+        None, description="What made a generated image: prompt, negative prompt, seed, steps, guidance, size, "
+                          "scheduler, model name + version + sha256, device, dtype, library versions, job and "
+                          "grid ids, subject and style of a grid cell")
 
     @classmethod
-    def of(cls, image: Image) -> "ImageOut":
+    def of(cls, image: Image, generation: Generation | None = None) -> "ImageOut":
+        kind: ImageKind = ("card" if generation is not None and generation.role == "card"
+                           else "generated" if image.source_job_id else "uploaded")
         return cls(id=image.id, sha256=image.sha256, width=image.width, height=image.height,
-                   format=image.format, bytes=image.bytes, created_at=image.created_at)
+                   format=image.format, bytes=image.bytes, created_at=image.created_at, kind=kind,
+                   source_job_id=image.source_job_id, generation=generation.record if generation else None)
+
+
+class ImagePage(BaseModel):
+    data: list[ImageOut]
+    next_cursor: str | None
 
 
 class JobOut(BaseModel):
@@ -223,8 +241,8 @@ class ModelImportParams(BaseModel):
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name; each import adds a version")
     kind: Literal["caption", "image-to-text", "text-to-image"] = Field(
         "caption", description="What the checkpoint does: `caption` (or its synonym `image-to-text`, a Hugging "
-                               "Face VisionEncoderDecoderModel or BLIP directory); `text-to-image` (diffusers) "
-                               "is not served yet")
+                               "Face VisionEncoderDecoderModel or BLIP directory); `text-to-image` (a diffusers "
+                               "pipeline directory: Stable Diffusion 1.x/2.x/XL, Turbo, ...)")
 
 
 class FaceParams(BaseModel):
@@ -358,3 +376,61 @@ class WebhookDeliveryOut(BaseModel):
                    next_attempt_at=delivery.next_attempt_at if delivery.status == "pending" else None,
                    last_status_code=delivery.last_status_code, last_error=delivery.last_error,
                    created_at=delivery.created_at, delivered_at=delivery.delivered_at)
+
+
+# The diffusers schedulers a generation may name (services/diffusion/pipelines.py maps each to its class; a test
+# checks both lists agree). A1111's sampler names, so prompts and settings carry over from the tools people use.
+SchedulerName = Literal["DDIM", "DDPM", "Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ 2M Karras", "DPM2", "DPM2 a",
+                        "UniPC", "PNDM", "LMS", "LMS Karras", "DEIS"]
+MAX_SEED = 2**32 - 1
+
+
+class GenerationSettings(BaseModel):
+    """What a text-to-image render takes besides its prompt (shared by single generations and grids)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    negative_prompt: str | None = Field(None, max_length=2000, description="What the image should not show")
+    model: str | None = Field(None, max_length=200,
+                              description="Text-to-image model, `name` (latest) or `name:version`; default: your "
+                                          "newest model of kind `text-to-image`")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED,
+                             description="Noise seed; random if absent, and always recorded. Image i of a job uses "
+                                         "seed + i")
+    steps: int = Field(30, ge=1, le=150, description="Denoising steps")
+    guidance_scale: float = Field(7.5, ge=0.0, le=30.0, allow_inf_nan=False,
+                                  description="Classifier-free guidance (CFG scale); 0 or 1 turns it off")
+    width: int | None = Field(None, ge=64, le=2048, multiple_of=8, description="Default: the model's own size")
+    height: int | None = Field(None, ge=64, le=2048, multiple_of=8, description="Default: the model's own size")
+    scheduler: SchedulerName | None = Field(None, description="Sampler; default: the one the pipeline was saved with")
+
+
+class GenerateParams(GenerationSettings):
+    """Parameters of `POST /v1/generate` (a JSON body)."""
+
+    prompt: str = Field(min_length=1, max_length=2000)
+    num_images: int = Field(1, ge=1, le=8, description="Images of this prompt, one seed each")
+
+
+GRID_TEMPLATE = "{subject}, in the style of {style}"
+
+
+class GridParams(GenerationSettings):
+    """Parameters of `POST /v1/generate/grid` (a JSON body): one child job per (subject, style) cell."""
+
+    subjects: list[str] = Field(min_length=1, max_length=32)
+    styles: list[str] = Field(min_length=1, max_length=32)
+    template: str = Field(GRID_TEMPLATE, min_length=1, max_length=2000,
+                          description="Each cell's prompt: `{subject}` and `{style}` are replaced by the cell's")
+    images_per_prompt: int = Field(1, ge=1, le=4, description="Images per cell, one seed each")
+
+    @field_validator("subjects", "styles")
+    @classmethod
+    def _texts(cls, values: list[str]) -> list[str]:
+        cleaned = [value.strip() for value in values]
+        if any(not value or len(value) > 200 for value in cleaned):
+            raise ValueError("each entry must be 1 to 200 characters of text")
+        if len(set(cleaned)) < len(cleaned):
+            raise ValueError("entries must be different from one another")
+        return cleaned
+

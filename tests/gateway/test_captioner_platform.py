@@ -171,12 +171,6 @@ def test_a_name_of_another_kind_is_409(client, checkpoint, captioner_platform):
     assert error_of(import_zip(client, checkpoint, name="mine"), 409)["code"] == "model_kind_mismatch"
 
 
-def test_text_to_image_is_not_available_yet(client, checkpoint):
-    error = error_of(import_zip(client, checkpoint, name="pipeline", kind="text-to-image"), 422)
-    assert error["code"] == "kind_not_available_yet"
-    assert "diffusion" in error["message"]
-
-
 @pytest.mark.parametrize("fields, code", [
     ({"name": "Not A Valid Name"}, "invalid_parameters"),
     ({"name": "ok", "kind": "sound"}, "invalid_parameters"),

@@ -38,10 +38,11 @@ IMPORT_RESPONSES: Responses = {**JOB_RESPONSES, 409: {"model": ErrorOut}, 413: {
 async def import_model(request: Request, response: Response, session: SessionDep, infra: InfraDep,
                        events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                        prefer: PreferHeader = None) -> JobOut:
-    """Import a Hugging Face image-to-text checkpoint directory, zipped (multipart `file`, with `name` and
-    optional `kind`, `caption` by default): a job loads it in a captioner worker, captions a test picture and
-    registers `name` version N+1, served by `/v1/caption`. Over the size limit: 413 `import_too_large`; not a
-    zip: 415 `not_a_zip`; a built-in name: 409; `text-to-image`: 422 `kind_not_available_yet`."""
+    """Import a checkpoint directory, zipped (multipart `file`, with `name` and optional `kind`): `caption` (the
+    default; a Hugging Face image-to-text checkpoint, loaded in a captioner worker, which captions a test picture;
+    served by `/v1/caption`) or `text-to-image` (a diffusers pipeline, loaded in a diffusion worker, which renders
+    a test image; served by `/v1/generate`). The job registers `name` version N+1. Over the size limit: 413
+    `import_too_large`; not a zip: 415 `not_a_zip`; a built-in name: 409."""
     # The file part is spooled to a temporary file as it streams in (on disk past 1 MB); it is hashed and
     # stored from there in chunks, never read whole. Closing the form deletes it.
     async with request.form(max_files=1, max_fields=10) as form:

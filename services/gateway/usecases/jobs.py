@@ -34,6 +34,9 @@ class JobRequest:
     # As asked: `name` or `name:version`, resolved against the registry; None: the kind's default model.
     model: str | None = None
     idempotency_key: str | None = None
+    # Parameters the platform chose for the caller (a random seed): recorded with the job, but not part of the
+    # request a replay must match.
+    chosen: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         body = {"kind": self.kind, "params": self.params, "inputs": [i["sha256"] for i in self.inputs]}
@@ -45,10 +48,10 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
     replay is not created, and nothing is sent for it."""
     kind = catalog().kind(request.kind)
     fingerprint = request.fingerprint()  # of the request as sent: a replay matches after a new model version
-    params = dict(request.params)
+    params = {**request.params, **request.chosen}
     requested = request.model or kind.default_model
     if requested is not None:
-        params["model"] = _resolve_model(session, tenant_id, request.kind, requested)
+        params["model"] = _resolve_model(session, tenant_id, kind.serves, requested)
     # Held until the request commits: the quota check and the insert are one step for the tenant. Taken
     # before the replay lookup, so a request that waited here sees the job of one with its key.
     job_repo.lock_submissions(session, tenant_id)
@@ -136,13 +139,26 @@ def list_jobs(session: Session, tenant_id: str, *, kind: str | None, status: str
 
 
 def cancel_job(session: Session, infra: Infra, tenant_id: str, job_id: str) -> JobOut:
-    """A queued job ends at once; a running one is flagged and stops at its next step boundary."""
+    """A queued job ends at once; a running one is flagged and stops at its next step boundary. A parent's
+    children that have not ended are canceled with it."""
     job = job_repo.get_job(session, tenant_id, job_id)
     if job is None:
         raise NotFound(f"No job {job_id!r}.", code="job_not_found")
-    out = job_out(session, job_repo.cancel(session, job))
+    # Children before their parent: the order a worker ending a child takes their row locks in
+    ended_children = job_repo.cancel_children(session, job.id)
+    job_repo.cancel(session, job)
+    woken = job_repo.wake_parents(session, [job.id, *([job.parent_id] if job.parent_id else [])])
+    session.refresh(job)
+    out = job_out(session, job)
     # Waiters (and the webhook sender, on a job that ended here) wake once the cancel is committed.
+    for child_id in ended_children:
+        after_commit(session, partial(publish_job_event, infra.broker_url, child_id, JobStatus.CANCELED.value))
     after_commit(session, partial(publish_job_event, infra.broker_url, job_id, out.status))
+    for parent, status in woken:
+        if status is JobStatus.QUEUED:  # its last child was this one: the parent gathers the others now
+            after_commit(session, partial(_send, session, infra.broker_url, parent.kind, parent.id))
+        elif parent.id != job_id:
+            after_commit(session, partial(publish_job_event, infra.broker_url, parent.id, status.value))
     return out
 
 

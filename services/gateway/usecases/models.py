@@ -1,7 +1,7 @@
 """The model registry as clients see it, and the jobs that add to it: training, ensembles and imports."""
 
 import zipfile
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sqlalchemy.orm import Session
 
@@ -24,8 +24,17 @@ BUILD_ENSEMBLE = "build_ensemble"
 CLASSIFY = "classify"
 # POST /v1/models/import: the registry kind an import's `kind` names, and the job kind (declared by the service
 # that serves such models) that validates the checkpoint by loading it in one of that service's workers.
-IMPORT_KINDS = {"caption": "caption", "image-to-text": "caption"}
-IMPORT_JOBS = {"caption": "import_captioner"}
+IMPORT_KINDS = {"caption": "caption", "image-to-text": "caption", "text-to-image": "text-to-image"}
+IMPORT_JOBS = {"caption": "import_captioner", "text-to-image": "import_pipeline"}
+# What the zip holds, for the sentence that refuses one that is not a zip.
+IMPORT_CONTENTS = {"caption": "config.json, weights, tokenizer and preprocessor files",
+                   "text-to-image": "model_index.json and the unet, vae, text_encoder, tokenizer and scheduler "
+                                    "folders"}
+
+
+def import_cap(settings: Any, model_kind: str) -> int:
+    """The largest checkpoint zip of this kind an import takes: diffusers pipelines have their own, larger cap."""
+    return int(settings.max_pipeline_import_bytes if model_kind == "text-to-image" else settings.max_import_bytes)
 
 
 def _grouped(rows: list[Model]) -> list[ModelOut]:
@@ -106,10 +115,6 @@ def import_model(session: Session, infra: Infra, tenant_id: str, params: ModelIm
     """Store an uploaded checkpoint zip (read in chunks from the spooled upload, never whole) and submit the job
     that loads it in the serving service's worker and registers `name` version N+1."""
     # 1. What the request asks for, checked before anything is stored
-    if params.kind == "text-to-image":
-        raise InvalidInput("Importing text-to-image (diffusers) pipelines is not available yet: the diffusion "
-                           "service comes later. Image-to-text checkpoints import with kind `caption`.",
-                           code="kind_not_available_yet", details={"kind": params.kind})
     model_kind = IMPORT_KINDS[params.kind]
     job_kind = IMPORT_JOBS[model_kind]
     if job_kind not in catalog().job_kinds:
@@ -123,13 +128,13 @@ def import_model(session: Session, infra: Infra, tenant_id: str, params: ModelIm
                        details={"name": params.name, "kind": sorted(other_kinds)[0]})
 
     # 2. What can be checked without unpacking: the size, and that it is a zip at all
-    cap = infra.settings.max_import_bytes
+    cap = import_cap(infra.settings, model_kind)
     if size > cap:
         raise ImageTooLarge(f"The checkpoint zip is larger than {cap // 2**20} MB; import a smaller checkpoint.",
                             code="import_too_large", details={"max_bytes": cap})
     if not zipfile.is_zipfile(upload):  # finds the central directory's end record, reading only the tail
         raise NotAZip("The upload is not a readable zip archive: zip the checkpoint directory that "
-                      "`save_pretrained` wrote (config.json, weights, tokenizer and preprocessor files).")
+                      f"`save_pretrained` wrote ({IMPORT_CONTENTS[model_kind]}).")
 
     # 3. Store it under its content address; the job reads it from there
     sha256, key = store_content_addressed(infra.store, upload, size, import_key_for, content_type="application/zip")
