@@ -79,13 +79,15 @@ def start_gateway(data_dir: Path, database_url: str, broker_url: str) -> tuple[s
 
 
 @contextmanager
-def running_platform() -> Iterator[tuple[str, str, psutil.Process]]:
-    """`percept run` in a temporary data dir; yields (base URL, API key, gateway process)."""
+def running_platform(workers: str = "", **env_vars: str) -> Iterator[tuple[str, str, psutil.Process]]:
+    """`percept run` in a temporary data dir, with `workers` (`percept run --workers`: a pool named twice runs
+    twice; default every pool once) and settings `env_vars`; yields (base URL, API key, gateway process)."""
     data_dir = Path(tempfile.mkdtemp(prefix="percept-bench-"))
     port = free_port()
-    env = {**os.environ, "PERCEPT_DATA_DIR": str(data_dir), "PORT": str(port), "PERCEPT_LOG_LEVEL": "WARNING"}
-    runner = subprocess.Popen([sys.executable, "-m", "percept.cli", "run"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "PERCEPT_DATA_DIR": str(data_dir), "PORT": str(port), "PERCEPT_LOG_LEVEL": "WARNING",
+           **env_vars}
+    command = [sys.executable, "-m", "percept.cli", "run", *(["--workers", workers] if workers else [])]
+    runner = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_gateway(url, runner, timeout=120, path="/readyz")

@@ -78,6 +78,41 @@ def build_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def build_tiny_sdxl_pipeline(directory: Path, seed: int = 0) -> Path:
+    """A StableDiffusionXLPipeline of the same size (two CLIP text encoders of width 32, the second with a
+    projection; a UNet with SDXL's size-and-crop conditioning; Euler, as SDXL ships), saved as a directory."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="tiny-tokenizer-") as scratch:
+        vocab_file, merges_file = write_tokenizer_files(Path(scratch))
+        tokenizer = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77)
+    torch.manual_seed(seed)
+    # The added conditioning: 6 size/crop numbers embedded at width 8, and the second encoder's pooled 32.
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=1)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, layer_norm_eps=1e-5, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(config), tokenizer=tokenizer,
+                                         text_encoder_2=CLIPTextModelWithProjection(config), tokenizer_2=tokenizer,
+                                         unet=unet, scheduler=scheduler)
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def zip_directory(directory: Path, prefix: str = "") -> bytes:
     """The directory's files zipped in name order with a fixed date: the same files give the same bytes."""
     buffer = io.BytesIO()

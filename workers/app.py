@@ -69,7 +69,7 @@ def create_worker_app(infra: Infra, pool: WorkerPool) -> Celery:
     def runtime() -> JobRuntime:
         # One runtime (and model cache) per pool process, made after the fork.
         if "runtime" not in runtime_holder:
-            runtime_holder["runtime"] = JobRuntime(infra)
+            runtime_holder["runtime"] = JobRuntime(infra, inference_deadline=pool.pool == "solo")
         return runtime_holder["runtime"]
 
     @worker_process_init.connect(weak=False)

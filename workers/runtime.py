@@ -139,11 +139,12 @@ class Heartbeat:
         interval, deadline = settings.job_lease.total_seconds() / 3, settings.inference_deadline.total_seconds()
         while True:
             call = self._predicting
-            wait = interval if call is None else min(interval, call[0] + deadline - time.monotonic())
+            wait = interval if call is None or not self.runtime.inference_deadline else \
+                min(interval, call[0] + deadline - time.monotonic())
             if self._stop.wait(max(wait, 0.0)):
                 return
             call = self._predicting
-            if call is not None and time.monotonic() - call[0] >= deadline:
+            if call is not None and self.runtime.inference_deadline and time.monotonic() - call[0] >= deadline:
                 self._give_up(call, deadline)
                 return
             try:
@@ -170,9 +171,13 @@ class Heartbeat:
 
 
 class JobRuntime:
-    def __init__(self, infra: Infra, models: ModelCache | None = None) -> None:
+    def __init__(self, infra: Infra, models: ModelCache | None = None, *, inference_deadline: bool = True) -> None:
+        """`inference_deadline`: hold each predict() call to PERCEPT_INFERENCE_DEADLINE, for pools Celery's time
+        limits do not reach (solo); a prefork pool's jobs have the task time limits instead, long enough for a
+        generation of minutes."""
         self.infra = infra
         self.models = models or ModelCache()
+        self.inference_deadline = inference_deadline
         self.worker_name = f"{HOST}:{os.getpid()}"
 
     # 1. Claim, in one transaction with what the claimed jobs need from the database
@@ -427,6 +432,11 @@ class JobRuntime:
                         self._predict([job], loaded, heartbeat)
                 return
             outputs, errors = [None], [input_error(exc)]
+        except SoftTimeLimitExceeded:
+            outputs = [None] * len(jobs)
+            errors = [{"code": "time_limit", "message": "The model ran longer than the worker's time limit on this "
+                                                        "job; ask for less work (fewer steps, images or pixels)."}
+                      ] * len(jobs)
         except Exception:  # a bug or a broken model: fail these jobs, keep the worker serving
             log.exception("predictor %s failed", model_name)
             outputs = [None] * len(jobs)

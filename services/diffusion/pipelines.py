@@ -38,10 +38,11 @@ _PLAIN_SIGMAS: dict[str, Any] = {"use_karras_sigmas": False, "use_exponential_si
                                  "use_beta_sigmas": False}
 _KARRAS_SIGMAS: dict[str, Any] = {**_PLAIN_SIGMAS, "use_karras_sigmas": True}
 
-# The scheduler names a request may use (AUTOMATIC1111's sampler names) -> the diffusers class and the
-# `from_config` overrides that make it that sampler. Each is built from the pipeline's own scheduler config, so
-# the model's noise schedule and prediction type (epsilon, v) carry over. Left out: "DPM++ SDE" and "DPM++ 2M SDE
-# Karras"'s BrownianTree cousin (DPMSolverSDEScheduler), which need torchsde.
+# The scheduler names a request may use (AUTOMATIC1111's sampler names; the gateway's `SchedulerName` lists the
+# same) -> the diffusers class and the `from_config` overrides that make it that sampler. Each is built from the
+# pipeline's own scheduler config, so the model's noise schedule and prediction type (epsilon, v) carry over.
+# Left out: "DPM++ SDE" (DPMSolverSDEScheduler needs torchsde). "DPM++ 2M SDE" (DPMSolverMultistepScheduler with
+# algorithm_type "sde-dpmsolver++") would need nothing more: it draws its noise from the request's generator.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "DDIM": ("DDIMScheduler", {}),
     "DDPM": ("DDPMScheduler", {}),
@@ -52,15 +53,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
                                                  **_PLAIN_SIGMAS}),
     "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
                                                         **_KARRAS_SIGMAS}),
-    # The SDE variant draws its noise from the request's generator (no torchsde), so seeds still reproduce.
-    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
-                                                     **_PLAIN_SIGMAS}),
-    "DPM++ 2M SDE Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
-                                                            **_KARRAS_SIGMAS}),
     "DPM2": ("KDPM2DiscreteScheduler", _PLAIN_SIGMAS),
-    "DPM2 Karras": ("KDPM2DiscreteScheduler", _KARRAS_SIGMAS),
     "DPM2 a": ("KDPM2AncestralDiscreteScheduler", _PLAIN_SIGMAS),
-    "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", _KARRAS_SIGMAS),
     "UniPC": ("UniPCMultistepScheduler", _PLAIN_SIGMAS),
     "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),  # PLMS, as SD 1.x ships it
     "LMS": ("LMSDiscreteScheduler", _PLAIN_SIGMAS),

@@ -219,8 +219,9 @@ def test_only_generated_images_can_be_reproduced(client):
 
 
 def test_a_running_generation_reports_step_progress_and_stops_when_canceled(client, imported):
+    # 150 steps of the tiny pipeline: ~20 s on a CPU core (its attention at 128 px and above is far slower)
     answer = client.post("/v1/generate", json={"prompt": "a slow render", "seed": 1, "steps": 150,
-                                               "width": 256, "height": 256})
+                                               "width": 64, "height": 64})
     job_id = answer.json()["id"]
 
     def stepping():
@@ -308,7 +309,7 @@ def test_grid_images_are_found_by_style_subject_prompt_and_grid(client, grid):
 
 def test_a_canceled_cell_fails_alone_and_the_cards_still_come(client, diffusion_platform, imported):
     answer = client.post("/v1/generate/grid", json={"subjects": ["a tree", "a car"], "styles": ["ink", "oil"],
-                                                    "seed": 3, "steps": 40, "width": 128, "height": 128})
+                                                    "seed": 3, "steps": 40, "width": 64, "height": 64})
     grid_id = answer.json()["id"]
     children = wait_until(lambda: client.get(f"/v1/jobs/{grid_id}").json()["children"] or None, timeout=60,
                           what="the grid to fan out")
@@ -325,8 +326,8 @@ def test_a_canceled_cell_fails_alone_and_the_cards_still_come(client, diffusion_
 
 def test_canceling_a_grid_cancels_the_cells_not_yet_done(client, imported):
     answer = client.post("/v1/generate/grid", json={"subjects": ["a cup", "a hat", "a key"],
-                                                    "styles": ["neon", "sepia"], "seed": 8, "steps": 120,
-                                                    "width": 256, "height": 256})
+                                                    "styles": ["neon", "sepia"], "seed": 8, "steps": 150,
+                                                    "width": 64, "height": 64})
     grid_id = answer.json()["id"]
     wait_until(lambda: client.get(f"/v1/jobs/{grid_id}").json()["children"] or None, timeout=60,
                what="the grid to fan out")
@@ -402,3 +403,41 @@ def test_a_bad_image_listing_query_is_422(client):
     assert error_of(client.get("/v1/images", params={"limit": 0}), 422)["code"] == "invalid_parameters"
     assert error_of(client.get("/v1/images", params={"created_after": "2026-12-02", "created_before": "2026-12-01"}),
                     422)["code"] == "invalid_date_range"
+
+
+def test_a_grid_whose_last_cell_ended_unseen_is_woken_by_the_sweeper(client, diffusion_platform, key, imported):
+    """A cell ended where no worker woke its grid (its worker was lost and the sweeper failed it): the sweeper
+    finds the waiting grid with no cell pending and sends it to gather what its cells made."""
+    from percept.db import jobs as job_repo
+    from percept.db.models import JobStatus
+    from percept.db.session import session_scope
+    from percept.db.tenants import tenant_id_for_key
+
+    with session_scope(diffusion_platform.database_url) as session:
+        tenant_id = tenant_id_for_key(session, key)
+        params = {"subjects": ["a moon"], "styles": ["ink"], "template": "{subject}, in the style of {style}",
+                  "images_per_prompt": 1, "seed": 1, "model": "tiny-sd:1", **FAST}
+        parent = job_repo.queued_job(tenant_id, "generate_grid", "diffusion", params, [])
+        parent.status, parent.attempts = JobStatus.RUNNING, 1  # waiting: running, with no worker and no heartbeat
+        session.add(parent)
+        session.flush()
+        cell = job_repo.queued_job(tenant_id, "generate", "diffusion",
+                                   {"subject": "a moon", "style": "ink", "prompt": "a moon, in the style of ink",
+                                    "seed": 5, "child": 0}, [])
+        cell.parent_id, cell.status = parent.id, JobStatus.FAILED
+        cell.error = {"code": "worker_lost", "message": "The worker running this job was lost 3 times; giving up."}
+        session.add(cell)
+        session.commit()
+    ended = wait_for_job(client, parent.id, 60)
+    assert ended["status"] == "failed"
+    assert ended["error"]["code"] == "all_cells_failed"
+    assert ended["attempts"] == 2  # claimed again after the sweeper queued it
+
+
+def test_the_api_and_the_service_name_the_same_schedulers():
+    from typing import get_args
+
+    from services.diffusion.pipelines import SCHEDULERS
+    from services.gateway.schemas import SchedulerName
+
+    assert set(get_args(SchedulerName)) == set(SCHEDULERS)
