@@ -46,16 +46,23 @@ def write_tokenizer_files(directory: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
+def tiny_tokenizer():
+    """A byte-level CLIPTokenizer from the files write_tokenizer_files writes (CLIP's 77-token context)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="tiny-tokenizer-") as scratch:
+        vocab_file, merges_file = write_tokenizer_files(Path(scratch))
+        return CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77)
+
+
 def build_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
     """A StableDiffusionPipeline (UNet and VAE of widths 32 and 64, a 2-layer CLIP text encoder of width 32, a
     PNDM scheduler as SD 1.x ships, no safety checker) saved as a pipeline directory; 64x64 by default."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    with tempfile.TemporaryDirectory(prefix="tiny-tokenizer-") as scratch:
-        vocab_file, merges_file = write_tokenizer_files(Path(scratch))
-        tokenizer = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77)
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
@@ -83,11 +90,9 @@ def build_tiny_sdxl_pipeline(directory: Path, seed: int = 0) -> Path:
     projection; a UNet with SDXL's size-and-crop conditioning; Euler, as SDXL ships), saved as a directory."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    with tempfile.TemporaryDirectory(prefix="tiny-tokenizer-") as scratch:
-        vocab_file, merges_file = write_tokenizer_files(Path(scratch))
-        tokenizer = CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=77)
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     # The added conditioning: 6 size/crop numbers embedded at width 8, and the second encoder's pooled 32.
     unet = UNet2DConditionModel(

@@ -218,25 +218,61 @@ def test_only_generated_images_can_be_reproduced(client):
     assert error_of(client.post("/v1/images/img_nope/reproduce"), 404)["code"] == "image_not_found"
 
 
-def test_a_running_generation_reports_step_progress_and_stops_when_canceled(client, imported):
+def test_a_running_generation_streams_step_progress_and_stops_when_canceled(client, imported):
     # 150 steps of the tiny pipeline: ~20 s on a CPU core (its attention at 128 px and above is far slower)
     answer = client.post("/v1/generate", json={"prompt": "a slow render", "seed": 1, "steps": 150,
                                                "width": 64, "height": 64})
     job_id = answer.json()["id"]
-
-    def stepping():
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        return job if job["status"] == "running" and job["progress"].get("done", 0) > 0 else None
-
-    running = wait_until(stepping, timeout=90, what="the generation to report a step")
-    progress = running["progress"]
+    events, canceled = [], False
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:  # until the job ends
+        for line in stream.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line[5:])
+            events.append(event)
+            if not canceled and event["status"] == "running" and event["progress"].get("done", 0) > 0:
+                assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+                canceled = True
+    assert canceled
+    stepping = [e["progress"] for e in events if e["status"] == "running" and e["progress"].get("done", 0) > 0]
+    progress = stepping[0]
     assert progress["total"] == 150 and 0 < progress["done"] < 150
-    assert progress["eta_seconds"] > 0 and progress["steps"] == 150
-    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    assert progress["eta_seconds"] > 0 and progress["steps"] == 150 and progress["image"] == 1
+    assert events[-1]["status"] == "canceled"
     ended = wait_for_job(client, job_id, 60)
-    assert ended["status"] == "canceled"
-    assert ended["progress"]["done"] < 150
+    assert ended["status"] == "canceled" and ended["progress"]["done"] < 150
     assert client.get("/v1/images", params={"job": job_id}).json()["data"] == []
+
+
+def test_an_operator_imports_a_pipeline_from_the_object_storage_without_an_upload(diffusion_platform,
+                                                                                  tmp_path):
+    import subprocess
+    import sys
+
+    from percept.storage import object_store_from_url
+    from tests.diffusion_pipelines import build_tiny_pipeline
+
+    store = object_store_from_url(diffusion_platform.storage_url)
+    directory = build_tiny_pipeline(tmp_path / "pipeline", seed=1)
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            store.put(f"checkpoints/tiny-one/{path.relative_to(directory).as_posix()}", path.read_bytes())
+    result = subprocess.run([sys.executable, "-m", "percept.cli", "models", "import", "store:checkpoints/tiny-one",
+                             "--name", "from-store", "--kind", "text-to-image", "--tenant", "ops-art",
+                             "--timeout", "300"], capture_output=True, text=True, timeout=400,
+                            env=diffusion_platform.env(COLUMNS="160"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "from-store version 1" in " ".join(result.stdout.split())
+    with diffusion_platform.client(diffusion_platform.new_key("ops-art")) as ops:
+        model = ops.get("/v1/models/from-store").json()
+        assert model["kind"] == "text-to-image" and model["versions"][0]["card"]["pipeline"] == \
+            "StableDiffusionPipeline"
+        job = generated(ops, prompt="a cat", seed=1, **FAST)
+        assert job["provenance"]["model"]["name"] == "from-store"
+    missing = subprocess.run([sys.executable, "-m", "percept.cli", "models", "import", "store:checkpoints/nothing",
+                              "--name", "nothing", "--kind", "text-to-image", "--tenant", "ops-art"],
+                             capture_output=True, text=True, timeout=120, env=diffusion_platform.env(COLUMNS="160"))
+    assert missing.returncode == 2 and "No objects under" in missing.stdout
 
 
 # --- grids ------------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ find a tenant's images again."""
 
 import secrets
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -44,19 +43,21 @@ def _check_size(infra: Infra, settings: GenerationSettings) -> None:
                                code="generation_too_large", details={"pixels": pixels, "max_pixels": cap})
 
 
-def _seed(settings: GenerationSettings) -> dict[str, Any]:
-    """The seed the platform picks when the caller gives none (recorded in the job's params)."""
-    return {} if settings.seed is not None else {"seed": secrets.randbelow(MAX_SEED + 1)}
+def _submit(session: Session, infra: Infra, tenant_id: str, kind: str, params: GenerationSettings,
+            idempotency_key: str | None) -> tuple[Job, bool]:
+    """A job of `kind` with the model asked for (or the tenant's newest) and the caller's seed, or one the
+    platform picks (recorded in the job's params, outside the request a replay must match)."""
+    model = params.model or _newest_pipeline(session, tenant_id)
+    chosen = {} if params.seed is not None else {"seed": secrets.randbelow(MAX_SEED + 1)}
+    return submit_job(session, infra, tenant_id, JobRequest(
+        kind=kind, params=params.model_dump(), model=model, idempotency_key=idempotency_key, chosen=chosen))
 
 
 def generate(session: Session, infra: Infra, tenant_id: str, params: GenerateParams,
              idempotency_key: str | None) -> tuple[Job, bool]:
     """A generation job: `num_images` images of one prompt, with the model asked for or the tenant's newest."""
     _check_size(infra, params)
-    model = params.model or _newest_pipeline(session, tenant_id)
-    return submit_job(session, infra, tenant_id, JobRequest(
-        kind=GENERATE, params=params.model_dump(), model=model, idempotency_key=idempotency_key,
-        chosen=_seed(params)))
+    return _submit(session, infra, tenant_id, GENERATE, params, idempotency_key)
 
 
 def generate_grid(session: Session, infra: Infra, tenant_id: str, params: GridParams,
@@ -75,10 +76,7 @@ def generate_grid(session: Session, infra: Infra, tenant_id: str, params: GridPa
                            f"most {MAX_GRID_CELLS} cells and {MAX_GRID_IMAGES} images. Split it into smaller grids.",
                            code="grid_too_large", details={"cells": cells, "images": images,
                                                            "max_cells": MAX_GRID_CELLS, "max_images": MAX_GRID_IMAGES})
-    model = params.model or _newest_pipeline(session, tenant_id)
-    return submit_job(session, infra, tenant_id, JobRequest(
-        kind=GENERATE_GRID, params=params.model_dump(), model=model, idempotency_key=idempotency_key,
-        chosen=_seed(params)))
+    return _submit(session, infra, tenant_id, GENERATE_GRID, params, idempotency_key)
 
 
 def reproduce(session: Session, infra: Infra, tenant_id: str, image_id: str,

@@ -6,20 +6,7 @@ import pytest
 from percept.config import get_settings
 from percept.devices import Device
 from services.diffusion import device as diffusion_device
-
-
-class FakeCuda:
-    def __init__(self, *names: str):
-        self.names = names
-
-    def is_available(self) -> bool:
-        return bool(self.names)
-
-    def device_count(self) -> int:
-        return len(self.names)
-
-    def get_device_name(self, index: int) -> str:
-        return self.names[index]
+from tests.services.test_devices import FakeCuda
 
 
 @pytest.fixture
