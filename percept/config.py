@@ -119,6 +119,10 @@ class Settings(BaseSettings):
     # Which device the models run on: auto (a CUDA GPU when the framework sees one, else the CPU), cpu,
     # cuda or cuda:N. A device that cannot be had stops the worker at start-up (percept/devices.py).
     device: str = "auto"
+    # Threads a worker process's models use on the CPU (OMP/MKL thread pools); unset: the framework's own
+    # default, every core. Running N CPU workers on one machine, give each cores / N: two workers with two
+    # threads each on two cores spin against each other and run several times slower than one.
+    cpu_threads: int | None = Field(None, ge=1)
     # Declaration modules of a deployment's own services, beside the platform's (percept/services.py).
     extra_services: Annotated[list[str], NoDecode] = Field(default_factory=list)
 

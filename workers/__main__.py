@@ -9,6 +9,9 @@ from percept.infra import resolve_infra
 from percept.services import catalog, import_by_name
 from workers.app import create_worker_app
 
+# The thread pools of torch (OpenMP), MKL and OpenBLAS read these once, when the framework loads.
+CPU_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
 
 def main(argv: list[str]) -> None:
     pools = catalog().worker_pools
@@ -18,6 +21,9 @@ def main(argv: list[str]) -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service, pool = pools[name]
+    if settings.cpu_threads:
+        # Before any framework loads (the device check below imports it); the pool's children inherit them.
+        os.environ.update({variable: str(settings.cpu_threads) for variable in CPU_THREAD_VARIABLES})
     if service.device is not None:
         # A device the worker cannot have stops it here, with the reason, not at its first job.
         try:

@@ -1,7 +1,7 @@
 """Request and response schemas of the public API (API.md). ORM classes live in percept.db.models."""
 
 from datetime import datetime
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
 import httpx
@@ -311,7 +311,9 @@ class SubjectOut(BaseModel):
     created_at: datetime
 
 
-WebhookEvent = Literal["job.succeeded", "job.failed", "job.canceled"]
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.canceled", "job.progress"]
+# What a webhook gets when it names no events: the job endings (`job.progress` is asked for by name).
+JOB_ENDINGS = ["job.succeeded", "job.failed", "job.canceled"]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
 
 
@@ -319,8 +321,11 @@ class WebhookIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(max_length=2000, description="http(s) URL that receives a signed POST per job event")
-    events: list[WebhookEvent] = Field(default_factory=lambda: list(get_args(WebhookEvent)), min_length=1,
-                                       description="Which job endings to send")
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(JOB_ENDINGS), min_length=1,
+                                       description="Which job events to send: its endings (the default), and "
+                                                   "`job.progress` (a running job's progress, e.g. a generation's "
+                                                   "steps; at most one delivery pending per job, carrying the job "
+                                                   "as it is when sent)")
 
     @field_validator("url")
     @classmethod

@@ -34,7 +34,8 @@ FAST = {"steps": 3, "width": 64, "height": 64}
 
 @pytest.fixture(scope="module")
 def diffusion_platform(tmp_path_factory) -> Iterator[OwnPlatform]:
-    with own_platform(tmp_path_factory.mktemp("diffusion"), HF_HUB_OFFLINE="1",
+    # Two workers on this 2-core machine: one CPU thread each (PERCEPT_CPU_THREADS), as an operator would set it
+    with own_platform(tmp_path_factory.mktemp("diffusion"), HF_HUB_OFFLINE="1", PERCEPT_CPU_THREADS="1",
                       PERCEPT_MAX_PIPELINE_IMPORT_BYTES=str(MAX_PIPELINE_IMPORT_BYTES)) as plat:
         plat.start_worker("diffusion-worker-1", "diffusion")
         plat.start_worker("diffusion-worker-2", "diffusion")
@@ -154,6 +155,7 @@ def test_the_same_seed_gives_byte_identical_pngs_carrying_their_provenance(clien
     assert record["model"]["name"] == "tiny-sd" and record["model"]["version"] == "1"
     assert record["model"]["sha256"] == client.get("/v1/models/tiny-sd").json()["versions"][0]["weights_sha256"]
     assert record["device"] == "cpu" and record["dtype"] == "float32" and "diffusers" in record["libraries"]
+    assert record["cpu_threads"] == 1  # PERCEPT_CPU_THREADS reached the worker's torch
     other = generated(client, prompt="a red cat", seed=1235, **FAST)
     assert content(client, other["output"]["images"][0]["image_id"]) != data
 
@@ -477,3 +479,28 @@ def test_the_api_and_the_service_name_the_same_schedulers():
     from services.gateway.schemas import SchedulerName
 
     assert set(get_args(SchedulerName)) == set(SCHEDULERS)
+
+
+def test_a_webhook_can_follow_a_generations_steps(client, diffusion_platform, imported):
+    from tests.gateway.test_webhooks import Receiver
+
+    hook = Receiver()
+    try:
+        webhook = client.post("/v1/webhooks", json={"url": hook.url, "events": ["job.progress", "job.succeeded"]})
+        assert webhook.status_code == 201, webhook.text
+        job = client.post("/v1/generate", json={"prompt": "a webhook", "seed": 2, "steps": 60, **{
+            "width": 64, "height": 64}}).json()
+
+        def events() -> list[tuple[str, dict]]:
+            return [(headers["percept-event"], json.loads(body)["job"]) for headers, body in hook.calls
+                    if json.loads(body)["job"]["id"] == job["id"]]
+
+        wait_until(lambda: any(event == "job.succeeded" for event, _ in events()), timeout=120,
+                   what="the generation's job.succeeded delivery")
+        progress = [sent for event, sent in events() if event == "job.progress"]
+        assert progress, events()
+        assert any(sent["status"] == "running" and sent["progress"]["done"] > 0 for sent in progress)
+        assert len(progress) < 60  # one pending delivery at a time per job, not one per step
+    finally:
+        client.delete(f"/v1/webhooks/{webhook.json()['id']}")
+        hook.close()
