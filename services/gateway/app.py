@@ -179,5 +179,7 @@ def create_app(settings: Settings | None = None, infra: Infra | None = None) -> 
     app.add_middleware(RequestLatency)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_image_bytes + BODY_OVERHEAD_BYTES,
                        per_path={"/v1/datasets": settings.max_dataset_bytes + BODY_OVERHEAD_BYTES,
-                                 "/v1/models/import": settings.max_import_bytes + BODY_OVERHEAD_BYTES})
+                                 # The larger of the kinds' caps; the import's own kind is checked against its cap
+                                 "/v1/models/import": max(settings.max_import_bytes, settings.max_pipeline_import_bytes)
+                                 + BODY_OVERHEAD_BYTES})
     return app
