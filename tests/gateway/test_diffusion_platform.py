@@ -479,8 +479,8 @@ def test_a_grid_whose_last_cell_ended_unseen_is_woken_by_the_sweeper(client, dif
 def test_the_api_and_the_service_name_the_same_schedulers():
     from typing import get_args
 
+    from percept.schemas import SchedulerName
     from services.diffusion.pipelines import SCHEDULERS
-    from services.gateway.schemas import SchedulerName
 
     assert set(get_args(SchedulerName)) == set(SCHEDULERS)
 

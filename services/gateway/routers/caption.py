@@ -3,10 +3,10 @@
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from percept.schemas import CaptionParams, JobOut
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.intake import read_job_request
 from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted, image_job_body
-from services.gateway.schemas import CaptionParams, JobOut
 from services.gateway.usecases import captions
 
 router = APIRouter(prefix="/v1", tags=["caption"])

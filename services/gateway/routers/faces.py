@@ -11,18 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from percept.db.models import Collection
 from percept.infra import Infra
-from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
-from services.gateway.events import JobEvents
-from services.gateway.intake import read_job_request
-from services.gateway.routers.jobs import (
-    ERRORS,
-    JOB_RESPONSES,
-    IdempotencyHeader,
-    PreferHeader,
-    accepted,
-    image_job_body,
-)
-from services.gateway.schemas import (
+from percept.schemas import (
     CollectionIn,
     CollectionOut,
     EnrollParams,
@@ -35,6 +24,17 @@ from services.gateway.schemas import (
     Responses,
     SubjectIn,
     SubjectOut,
+)
+from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
+from services.gateway.events import JobEvents
+from services.gateway.intake import read_job_request
+from services.gateway.routers.jobs import (
+    ERRORS,
+    JOB_RESPONSES,
+    IdempotencyHeader,
+    PreferHeader,
+    accepted,
+    image_job_body,
 )
 from services.gateway.usecases import faces
 from services.gateway.usecases.jobs import JobRequest, submit_job

@@ -3,9 +3,9 @@
 from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
+from percept.schemas import GenerateParams, GridParams, JobOut
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
-from services.gateway.schemas import GenerateParams, GridParams, JobOut
 from services.gateway.usecases import generation
 
 router = APIRouter(prefix="/v1/generate", tags=["generate"])

@@ -11,8 +11,8 @@ from starlette.concurrency import run_in_threadpool
 from percept.db.session import session_scope
 from percept.errors import Unauthorized
 from percept.queue import redis_client
+from percept.schemas import ErrorOut
 from services.gateway.deps import InfraDep
-from services.gateway.schemas import ErrorOut
 
 router = APIRouter(tags=["health"])
 

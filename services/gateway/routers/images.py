@@ -7,10 +7,10 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from percept.db.generations import ImageFilter
+from percept.schemas import ErrorOut, ImageKind, ImageOut, ImagePage, JobOut, Responses
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.intake import file_part, read_image
 from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
-from services.gateway.schemas import ErrorOut, ImageKind, ImageOut, ImagePage, JobOut, Responses
 from services.gateway.usecases import generation, images
 
 router = APIRouter(prefix="/v1/images", tags=["images"])

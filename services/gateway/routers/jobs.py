@@ -11,9 +11,9 @@ from starlette.concurrency import run_in_threadpool
 
 from percept.db.models import Job, JobStatus
 from percept.infra import Infra
+from percept.schemas import ErrorOut, JobOut, JobPage, Responses
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.events import JobEvents, wait_for_change
-from services.gateway.schemas import ErrorOut, JobOut, JobPage, Responses
 from services.gateway.transaction import commit
 from services.gateway.usecases import jobs
 

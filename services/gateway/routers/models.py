@@ -4,10 +4,10 @@ checkpoints."""
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from percept.schemas import EnsembleIn, ErrorOut, JobOut, ModelImportParams, ModelOut, Responses
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.intake import file_part, parse_params
 from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
-from services.gateway.schemas import EnsembleIn, ErrorOut, JobOut, ModelImportParams, ModelOut, Responses
 from services.gateway.usecases import models
 
 router = APIRouter(prefix="/v1/models", tags=["models"])

@@ -5,10 +5,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from percept.errors import InvalidInput
-from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
-from services.gateway.intake import file_part, parse_params
-from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
-from services.gateway.schemas import (
+from percept.schemas import (
     DatasetOut,
     ErrorOut,
     JobOut,
@@ -16,6 +13,9 @@ from services.gateway.schemas import (
     TrainCaptionerParams,
     TrainClassifierParams,
 )
+from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
+from services.gateway.intake import file_part, parse_params
+from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
 from services.gateway.usecases import captions, datasets, models
 
 router = APIRouter(prefix="/v1", tags=["training"])

@@ -4,9 +4,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from percept.schemas import ErrorOut, WebhookCreatedOut, WebhookDeliveryOut, WebhookIn, WebhookOut
 from services.gateway.deps import InfraDep, SessionDep, TenantDep
 from services.gateway.routers.jobs import ERRORS
-from services.gateway.schemas import ErrorOut, WebhookCreatedOut, WebhookDeliveryOut, WebhookIn, WebhookOut
 from services.gateway.usecases import webhooks
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])

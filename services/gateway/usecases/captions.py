@@ -8,7 +8,7 @@ from percept.db import registry
 from percept.db.models import Job
 from percept.errors import Conflict, InvalidInput, NotFound
 from percept.infra import Infra
-from services.gateway.schemas import CaptionParams, DatasetOut, TrainCaptionerParams
+from percept.schemas import CaptionParams, DatasetOut, TrainCaptionerParams
 from services.gateway.usecases.datasets import ready_dataset
 from services.gateway.usecases.jobs import JobRequest, submit_job
 

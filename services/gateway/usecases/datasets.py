@@ -17,8 +17,8 @@ from percept.db.ids import new_id
 from percept.db.models import Dataset, Job, JobStatus
 from percept.errors import Conflict, ImageTooLarge, InvalidInput, NotFound
 from percept.infra import Infra
+from percept.schemas import DatasetOut, DatasetStatus
 from percept.storage import object_key_for, store_content_addressed
-from services.gateway.schemas import DatasetOut, DatasetStatus
 from services.gateway.usecases.jobs import JobRequest, submit_job
 
 _ANALYSIS_MISSING = {"code": "analysis_missing",

@@ -12,7 +12,7 @@ from percept.db.generations import ImageFilter
 from percept.db.models import Job
 from percept.errors import InvalidInput, NotFound
 from percept.infra import Infra
-from services.gateway.schemas import MAX_SEED, GenerateParams, GenerationSettings, GridParams, ImageOut, ImagePage
+from percept.schemas import MAX_SEED, GenerateParams, GenerationSettings, GridParams, ImageOut, ImagePage
 from services.gateway.usecases.images import find_image
 from services.gateway.usecases.jobs import JobRequest, submit_job
 

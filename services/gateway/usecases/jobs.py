@@ -18,9 +18,9 @@ from percept.errors import Conflict, DependencyUnavailable, InvalidInput, NotFou
 from percept.infra import Infra
 from percept.predictor import parse_model_ref
 from percept.queue import publish_job_event, send_job
+from percept.schemas import JobOut, JobPage
 from percept.services import catalog
 from services.gateway.events import JobEvents, wait_for_change
-from services.gateway.schemas import JobOut, JobPage
 from services.gateway.transaction import after_commit, commit
 
 

@@ -11,9 +11,9 @@ from percept.db.models import Job, Model
 from percept.errors import Conflict, ImageTooLarge, InvalidInput, NotFound
 from percept.infra import Infra
 from percept.predictor import parse_model_ref
+from percept.schemas import ModelImportParams, ModelOut, ModelVersionOut, TrainClassifierParams
 from percept.services import catalog
 from percept.storage import import_key_for, store_content_addressed
-from services.gateway.schemas import ModelImportParams, ModelOut, ModelVersionOut, TrainClassifierParams
 from services.gateway.usecases.datasets import ready_dataset
 from services.gateway.usecases.jobs import JobRequest, submit_job
 

@@ -177,7 +177,7 @@ def test_code_in_the_checkpoint_never_runs(copy_of, tmp_path):
 def test_the_gateway_offers_exactly_these_scheduler_names():
     from typing import get_args
 
-    from services.gateway.schemas import SchedulerName
+    from percept.schemas import SchedulerName
 
     assert list(get_args(SchedulerName)) == list(SCHEDULERS)
 

@@ -1,13 +1,16 @@
-"""Request and response schemas of the public API (API.md). ORM classes live in percept.db.models."""
+"""Request and response schemas of the public API (API.md): the gateway validates and answers with them, and the
+Python client (percept.client) parses its answers into them, so the two cannot drift apart. ORM classes live in
+percept.db.models (imported here for type checking only: the client never loads SQLAlchemy's models)."""
 
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from percept.db.models import Generation, Image, Job, Webhook, WebhookDelivery
+if TYPE_CHECKING:
+    from percept.db.models import Generation, Image, Job, Webhook, WebhookDelivery
 
 
 class ErrorBody(BaseModel):
@@ -313,7 +316,7 @@ class SubjectOut(BaseModel):
 
 WebhookEvent = Literal["job.succeeded", "job.failed", "job.canceled", "job.progress"]
 # What a webhook gets when it names no events: the job endings (`job.progress` is asked for by name).
-JOB_ENDINGS = ["job.succeeded", "job.failed", "job.canceled"]
+JOB_ENDINGS: list[WebhookEvent] = ["job.succeeded", "job.failed", "job.canceled"]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
 
 
