@@ -118,9 +118,23 @@ def sweep() -> None:
         infra.close()
 
 
+def _log_dir() -> Path:
+    """Where `percept run` writes its processes' logs: <data dir>/logs/<process>.log."""
+    return get_settings().data_dir / "logs"
+
+
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a log (what a process that died said last)."""
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
 @app.command()
-def run(workers: str = typer.Option("", help="Comma-separated worker pools to run (default: every declared one)")
-        ) -> None:
+def run(workers: str = typer.Option("", help="Comma-separated worker pools to run (default: every declared one; "
+                                             "a pool named twice runs twice)")) -> None:
     """Run the whole platform on this machine: embedded Postgres and Redis, local objects, gateway, workers."""
     from percept.db.migrate import upgrade
     from percept.db.session import session_scope
@@ -128,8 +142,9 @@ def run(workers: str = typer.Option("", help="Comma-separated worker pools to ru
 
     _logging()
     settings = get_settings()
-    infra = resolve_infra(settings)
-    children: list[subprocess.Popen] = []
+    with console.status("starting Postgres and Redis (embedded), applying migrations"):
+        infra = resolve_infra(settings)
+    children: dict[str, tuple[subprocess.Popen, Path]] = {}
     try:
         upgrade(infra.database_url)
         key_file = settings.data_dir / "dev-api-key"
@@ -141,38 +156,90 @@ def run(workers: str = typer.Option("", help="Comma-separated worker pools to ru
             key_file.chmod(0o600)
         env = {**os.environ, "PERCEPT_DATABASE_URL": infra.database_url, "PERCEPT_BROKER_URL": infra.broker_url,
                "PERCEPT_STORAGE_URL": infra.storage_url, "PERCEPT_DATA_DIR": str(settings.data_dir)}
-        children.append(subprocess.Popen([sys.executable, "-m", "percept.cli", "gateway"], env=env))
         from percept.services import catalog
 
-        for pool in [name.strip() for name in workers.split(",") if name.strip()] or list(catalog().worker_pools):
-            children.append(subprocess.Popen([sys.executable, "-m", "workers", pool], env=env))
+        logs = _log_dir()
+        logs.mkdir(parents=True, exist_ok=True)
+        pools = [name.strip() for name in workers.split(",") if name.strip()] or list(catalog().worker_pools)
+        commands = {"gateway": ["-m", "percept.cli", "gateway"]}
+        for index, pool in enumerate(pools):
+            name = f"worker-{pool}" if pools.count(pool) == 1 else f"worker-{pool}-{pools[:index].count(pool) + 1}"
+            commands[name] = ["-m", "workers", pool]
+        for name, command in commands.items():
+            log_path = logs / f"{name}.log"
+            with log_path.open("ab") as log:  # the child keeps its own descriptor
+                children[name] = (subprocess.Popen([sys.executable, *command], env=env, stdout=log,
+                                                   stderr=subprocess.STDOUT), log_path)
         url = f"http://{settings.host}:{settings.port}"
-        console.print(f"\n[bold green]Percept is starting at {url}[/]  (API docs: {url}/docs)")
-        console.print(f"dev API key: [bold]{key_file.read_text().strip()}[/]  (kept in {key_file})")
-        console.print(f"data: {settings.data_dir}    Ctrl-C stops everything.\n")
+        console.print(f"\n[bold green]Percept[/] is starting at [bold]{url}[/]")
+        console.print(f"  console   {url}/console/        API docs  {url}/docs")
+        console.print(f"  dev key   [bold]{key_file.read_text().strip()}[/]  (kept in {key_file})")
+        console.print(f"  workers   {', '.join(pools)}")
+        console.print(f"  logs      {logs}/  (`percept logs` follows them; `percept logs gateway` one of them)")
+        console.print(f"  data      {settings.data_dir}    Ctrl-C stops everything.\n")
         stop = {"now": False}
         for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a process manager
             signal.signal(signum, lambda *_: stop.update(now=True))
         while not stop["now"]:
-            for child in children:
+            for name, (child, log_path) in children.items():
                 if child.poll() is not None:
-                    args = child.args if isinstance(child.args, list) else [child.args]
-                    console.print(f"[red]{' '.join(map(str, args[-2:]))} exited ({child.returncode})[/]")
+                    console.print(f"[red]{name} exited ({child.returncode}): {_last_line(log_path)}[/]  "
+                                  f"(all of it: {log_path})", highlight=False)
                     stop["now"] = True
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        for child in children:
+        for child, _ in children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        for child in children:
+        for child, _ in children.values():
             try:
                 child.wait(30)
             except subprocess.TimeoutExpired:
                 child.kill()
         infra.close()
         console.print("stopped.")
+
+
+@app.command()
+def logs(service: str = typer.Argument(None, help="gateway, worker-classifier, ... (default: all of them)"),
+         follow: bool = typer.Option(True, help="Keep printing what is written, as `tail -f` does"),
+         lines: int = typer.Option(20, help="Lines of each log to print first")) -> None:
+    """Print (and follow) the logs of `percept run`'s processes, under <data dir>/logs."""
+    folder = _log_dir()
+    found = sorted(folder.glob("*.log")) if folder.is_dir() else []
+    chosen = [path for path in found if service is None or path.stem == service]
+    if not chosen:
+        names = ", ".join(path.stem for path in found) or "none yet: start the platform with `percept run`"
+        console.print(f"[red]No log {service!r} in {folder} (logs: {names}).[/]" if service else
+                      f"[red]No logs in {folder} ({names}).[/]")
+        raise typer.Exit(2)
+    from rich.text import Text
+
+    def show(path: Path, line: str) -> None:  # the log's own text, never read as rich markup
+        console.print(Text.assemble((f"{path.stem} ", "dim"), line) if len(chosen) > 1 else Text(line),
+                      soft_wrap=True)
+
+    positions = {}
+    for path in chosen:
+        text = path.read_text(errors="replace").splitlines()
+        for line in text[-lines:] if lines > 0 else []:
+            show(path, line)
+        positions[path] = path.stat().st_size
+    while follow:
+        for path in chosen:
+            size = path.stat().st_size
+            if size < positions[path]:  # truncated or replaced: start again from its beginning
+                positions[path] = 0
+            if size > positions[path]:
+                with path.open("rb") as log:
+                    log.seek(positions[path])
+                    chunk = log.read(size - positions[path]).decode(errors="replace")
+                positions[path] = size
+                for line in chunk.splitlines():
+                    show(path, line)
+        time.sleep(0.5)
 
 
 def _api_client(url: str | None, key: str | None):

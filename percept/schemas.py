@@ -47,7 +47,7 @@ class ImageOut(BaseModel):
                           "grid ids, subject and style of a grid cell")
 
     @classmethod
-    def of(cls, image: Image, generation: Generation | None = None) -> "ImageOut":
+    def of(cls, image: "Image", generation: "Generation | None" = None) -> "ImageOut":
         kind: ImageKind = ("card" if generation is not None and generation.role == "card"
                            else "generated" if image.source_job_id else "uploaded")
         return cls(id=image.id, sha256=image.sha256, width=image.width, height=image.height,
@@ -77,7 +77,7 @@ class JobOut(BaseModel):
     children: list[str] = []
 
     @classmethod
-    def of(cls, job: Job, children: list[str] | None = None) -> "JobOut":
+    def of(cls, job: "Job", children: list[str] | None = None) -> "JobOut":
         return cls(id=job.id, kind=job.kind, status=job.status.value, created_at=job.created_at,
                    started_at=job.started_at, finished_at=job.finished_at, progress=job.progress,
                    params=job.params, output=job.output, error=job.error, provenance=job.provenance,
@@ -356,7 +356,7 @@ class WebhookOut(BaseModel):
     created_at: datetime
 
     @classmethod
-    def of(cls, webhook: Webhook) -> "WebhookOut":
+    def of(cls, webhook: "Webhook") -> "WebhookOut":
         return cls(id=webhook.id, url=webhook.url, events=webhook.events, created_at=webhook.created_at)
 
 
@@ -377,7 +377,7 @@ class WebhookDeliveryOut(BaseModel):
     delivered_at: datetime | None
 
     @classmethod
-    def of(cls, delivery: WebhookDelivery) -> "WebhookDeliveryOut":
+    def of(cls, delivery: "WebhookDelivery") -> "WebhookDeliveryOut":
         return cls(id=delivery.id, job_id=delivery.job_id, event=delivery.event,
                    status=cast(DeliveryStatus, delivery.status),
                    attempts=delivery.attempts,

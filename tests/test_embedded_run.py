@@ -63,7 +63,21 @@ def test_run_stops_cleanly_and_keeps_its_data(tmp_path):
             ctrl_c(first)
     printed = (tmp_path / "first.log").read_text()
     assert url in printed and key in printed and "stopped." in printed
+    assert f"{url}/console/" in printed and str(data_dir / "logs") in printed
+    # A short banner: the servers' and workers' own output goes to their log files, not the terminal
+    assert "celery@" not in printed and "Uvicorn running" not in printed and len(printed.splitlines()) < 25
     assert oct((data_dir / "dev-api-key").stat().st_mode)[-3:] == "600"
+    logs = {path.name for path in (data_dir / "logs").iterdir()}
+    assert logs == {"gateway.log", "worker-classifier.log"}
+    assert "celery@" in (data_dir / "logs" / "worker-classifier.log").read_text()
+    shown = subprocess.run([sys.executable, "-m", "percept.cli", "logs", "worker-classifier", "--no-follow",
+                            "--lines", "500"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PERCEPT_DATA_DIR": str(data_dir)})
+    assert shown.returncode == 0 and "celery@" in shown.stdout
+    unknown = subprocess.run([sys.executable, "-m", "percept.cli", "logs", "worker-nope", "--no-follow"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PERCEPT_DATA_DIR": str(data_dir)})
+    assert unknown.returncode == 2 and "worker-classifier" in unknown.stdout
 
     with open(tmp_path / "second.log", "wb") as log:
         second = start(data_dir, port, log)
@@ -76,3 +90,20 @@ def test_run_stops_cleanly_and_keeps_its_data(tmp_path):
             assert photo.content == image_bytes(data.coffee())
         finally:
             ctrl_c(second)
+
+
+def test_a_worker_that_cannot_start_says_why_in_one_line(tmp_path):
+    """No GPU here: a classifier worker told PERCEPT_DEVICE=cuda stops at start-up, and `percept run` prints its
+    reason in one line (and stops the platform)."""
+    data_dir, port = tmp_path / "data", free_port()
+    with open(tmp_path / "run.log", "wb") as log:
+        env = {**os.environ, "PERCEPT_DATA_DIR": str(data_dir), "PORT": str(port), "PERCEPT_DEVICE": "cuda"}
+        for name in ("PERCEPT_DATABASE_URL", "PERCEPT_BROKER_URL", "PERCEPT_STORAGE_URL"):
+            env.pop(name, None)
+        run = subprocess.Popen([sys.executable, "-m", "percept.cli", "run", "--workers", "classifier"], env=env,
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        assert run.wait(180) == 0
+    wait_until(lambda: _group_gone(run.pid), timeout=30, what="every process of the group to exit")
+    [line] = [line for line in (tmp_path / "run.log").read_text().splitlines() if "exited" in line]
+    assert line.startswith("worker-classifier exited (1): percept worker classifier: ")
+    assert "cuda" in line.lower() and str(data_dir / "logs" / "worker-classifier.log") in line
