@@ -13,9 +13,8 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -31,14 +30,13 @@ keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 train_app = typer.Typer(help="Train models on your own data (through the API).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
-models_app = typer.Typer(help="The model registry, for operators (straight to the database and storage).",
+models_app = typer.Typer(help="The model registry: list and show (through the API); import (for operators, straight "
+                              "to the database and storage).",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
 console = Console()
 
 DEV_TENANT = "dev"
-# Example captions `percept train captioner` prints under its BLEU table.
-EXAMPLES_SHOWN = 3
 # `percept models import --kind`: the job kind (declared by the service that serves such models) that validates
 # and registers the checkpoint, as POST /v1/models/import submits it.
 IMPORT_JOB_KINDS = {"caption": "import_captioner", "text-to-image": "import_pipeline"}
@@ -184,7 +182,7 @@ def run(workers: str = typer.Option("", help="Comma-separated worker pools to ru
             for name, (child, log_path) in children.items():
                 if child.poll() is not None:
                     console.print(f"[red]{name} exited ({child.returncode}): {_last_line(log_path)}[/]  "
-                                  f"(all of it: {log_path})", highlight=False)
+                                  f"(all of it: {log_path})", highlight=False, soft_wrap=True)
                     stop["now"] = True
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -240,181 +238,6 @@ def logs(service: str = typer.Argument(None, help="gateway, worker-classifier, .
                 for line in chunk.splitlines():
                     show(path, line)
         time.sleep(0.5)
-
-
-def _api_client(url: str | None, key: str | None):
-    import httpx
-
-    settings = get_settings()
-    key_file = settings.data_dir / "dev-api-key"
-    key = key or settings.api_key or (key_file.read_text().strip() if key_file.exists() else None)
-    if not key:
-        console.print("[red]No API key: pass --key, set PERCEPT_API_KEY, or run `percept run` once.[/]")
-        raise typer.Exit(2)
-    return httpx.Client(base_url=url or settings.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
-
-
-def _checked(response) -> dict:
-    if response.status_code >= 400:
-        error = response.json().get("error", {}) if "json" in response.headers.get("content-type", "") else {}
-        console.print(f"[red]{response.status_code} {error.get('code', '')}: {error.get('message', response.text)}[/]")
-        raise typer.Exit(1)
-    return response.json()
-
-
-def _analysed_dataset(client, archive_path: Path, kind: str, refusal: str) -> dict:
-    """Upload the zip (streamed from the file), wait for its analysis job and return the ready dataset; exit 1
-    when the analysis fails or finds a dataset of another `kind` than the training needs."""
-    with archive_path.open("rb") as archive, console.status(f"uploading {archive_path.name}"):
-        uploaded = _checked(client.post("/v1/datasets", files={"file": (archive_path.name, archive)}))
-    with console.status("analysing the dataset (a job on the datasets queue)"):
-        while uploaded["status"] == "analyzing":
-            _checked(client.get(f"/v1/jobs/{uploaded['job_id']}", headers={"Prefer": "wait=5"}))
-            uploaded = _checked(client.get(f"/v1/datasets/{uploaded['id']}"))
-    if uploaded["status"] != "ready":
-        error = uploaded.get("error") or {}
-        console.print(f"[red]dataset refused: {error.get('code', '')}: {error.get('message', '')}[/]")
-        raise typer.Exit(1)
-    found = uploaded["report"].get("kind")
-    if found != kind:
-        console.print(f"[red]dataset refused: {archive_path.name} is a {found!r} dataset, not {kind!r}. {refusal}[/]")
-        raise typer.Exit(1)
-    return uploaded
-
-
-def _followed_job(client, job: dict, title: str, total: int, describe: Callable[[dict], dict[str, Any]]) -> dict:
-    """Long-poll the job with a progress bar (`describe` turns the running job's `progress` into the bar's
-    update); return it succeeded, or print its error and exit 1."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
-                  TimeElapsedColumn(), console=console) as progress:
-        bar = progress.add_task(title, total=total, stats="queued")
-        while job["status"] in ("queued", "running"):
-            job = _checked(client.get(f"/v1/jobs/{job['id']}", headers={"Prefer": "wait=2"}))
-            if job["status"] == "running":
-                progress.update(bar, **describe(job["progress"]))
-        progress.update(bar, completed=progress.tasks[0].total)
-    if job["status"] != "succeeded":
-        console.print(f"[red]{title}: {job['status']}: {(job.get('error') or {}).get('message', '')}[/]")
-        raise typer.Exit(1)
-    return job
-
-
-def _classifier_progress(done: dict) -> dict[str, Any]:
-    if done.get("phase") == "features":
-        return {"stats": f"backbone features {done['done']}/{done['total']}"}
-    if "loss" in done:
-        return {"completed": done["done"], "total": done["total"],
-                "stats": f"loss {done['loss']:.3f}  val_loss {done.get('val_loss', 0):.3f}  "
-                         f"val_acc {done.get('val_accuracy', 0):.2f}"}
-    return {}
-
-
-def _captioner_progress(done: dict) -> dict[str, Any]:
-    if done.get("stage") == "features":
-        return {"stats": f"encoder features {done['done']}/{done['total']}"}
-    if done.get("stage") != "train":
-        return {}
-    # `done`/`total` count batches over all epochs; the bar counts epochs (early stopping ends it sooner).
-    update: dict[str, Any] = {"completed": done["epochs"] * done["done"] / max(done["total"], 1),
-                              "total": done["epochs"]}
-    if "loss" in done:  # an epoch's end
-        bleu = f"  dev BLEU-4 {done['dev_bleu4']:.3f}" if "dev_bleu4" in done else ""
-        update["stats"] = (f"epoch {done['epoch']}/{done['epochs']}  loss {done['loss']:.3f}  "
-                           f"val_loss {done['val_loss']:.3f}{bleu}")
-    return update
-
-
-@train_app.command("classifier")
-def train_classifier(
-    dataset: Path = typer.Argument(..., exists=True, dir_okay=False, help="A zip with one folder per class"),
-    name: str = typer.Option(..., help="Model name; each training adds a version"),
-    balance: str = typer.Option("none", help="none | undersample | oversample | class_weight"),
-    augment: bool = typer.Option(False, help="Flips, rotations, crops, colour jitter, noise"),
-    epochs: int = typer.Option(30),
-    val_fraction: float = typer.Option(0.2),
-    target_precision: float = typer.Option(0.9, help="Precision the `unknown` threshold is chosen for"),
-    seed: int = typer.Option(0),
-    fine_tune: bool = typer.Option(False, help="Also fine-tune the backbone's last block"),
-    url: str | None = typer.Option(None, help="API base URL (default PERCEPT_API_URL)"),
-    key: str | None = typer.Option(None, help="API key (default PERCEPT_API_KEY, or the dev key)"),
-) -> None:
-    """Upload DATASET, train a classifier on it with a progress bar, then print its metrics."""
-    from rich.table import Table
-
-    with _api_client(url, key) as client:
-        uploaded = _analysed_dataset(client, dataset, "classes", "A classifier trains on one folder per class; "
-                                     "train a captioner with `percept train captioner`.")
-        summary = uploaded["report"]
-        counts = ", ".join(f"{label} {count}" for label, count in summary["classes"].items())
-        console.print(f"dataset {uploaded['id']}: {summary['num_images']} images ({counts})")
-        for warning in summary.get("warnings", []):
-            console.print(f"[yellow]warning:[/] {warning}")
-        job = _checked(client.post("/v1/train/classifier", json={
-            "dataset": uploaded["id"], "name": name, "balance": balance, "augment": augment, "epochs": epochs,
-            "val_fraction": val_fraction, "target_precision": target_precision, "seed": seed,
-            "fine_tune": fine_tune}))
-        job = _followed_job(client, job, f"training {name}", epochs, _classifier_progress)
-        metrics, model = job["output"]["metrics"], job["output"]["model"]
-        table = Table(title=f"{model['name']} version {model['version']} (validation set)")
-        for column in ("class", "precision", "recall", "F1", "support"):
-            table.add_column(column, justify="left" if column == "class" else "right")
-        for label, row in metrics["per_class"].items():
-            table.add_row(label, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
-                          str(row["support"]))
-        console.print(table)
-        console.print(f"macro F1 {metrics['macro_f1']:.3f}; unknown below {metrics['threshold']:.3f} "
-                      f"(precision {metrics.get('precision_at_threshold', 0):.3f} at coverage "
-                      f"{metrics.get('coverage', 0):.2f}, target {metrics['target_precision']})")
-
-
-@train_app.command("captioner")
-def train_captioner(
-    dataset: Path = typer.Argument(..., exists=True, dir_okay=False,
-                                   help="A zip of captioned images: Flickr8k layout, COCO captions, "
-                                        "captions.jsonl or captions.csv"),
-    name: str = typer.Option(..., help="Model name; each training adds a version"),
-    architecture: str = typer.Option("merge", help="merge (the image joins the LSTM's output) | inject (the image "
-                                                   "is the LSTM's first input)"),
-    epochs: int = typer.Option(20, help="At most this many; early stopping on the validation loss"),
-    min_word_count: int = typer.Option(2, help="Rarer words become the unknown token"),
-    beam_width: int = typer.Option(3, help="Beam width of the evaluation (BLEU with beam search)"),
-    seed: int = typer.Option(0),
-    url: str | None = typer.Option(None, help="API base URL (default PERCEPT_API_URL)"),
-    key: str | None = typer.Option(None, help="API key (default PERCEPT_API_KEY, or the dev key)"),
-) -> None:
-    """Upload DATASET, train an LSTM captioner on it with a progress bar, then print its test BLEU and examples."""
-    from rich.table import Table
-
-    with _api_client(url, key) as client:
-        uploaded = _analysed_dataset(client, dataset, "captions", "A captioner trains on captioned images (Flickr8k "
-                                     "layout, COCO captions, captions.jsonl/csv); train a classifier on class "
-                                     "folders with `percept train classifier`.")
-        summary = uploaded["report"]
-        splits = ", ".join(f"{split} {count}" for split, count in summary.get("splits", {}).items())
-        console.print(f"dataset {uploaded['id']} ({summary['layout']}): {summary['num_images']} images, "
-                      f"{summary['num_captions']} captions" + (f" ({splits})" if splits else ""))
-        for warning in summary.get("warnings", []):
-            console.print(f"[yellow]warning:[/] {warning}")
-        job = _checked(client.post("/v1/train/captioner", json={
-            "dataset": uploaded["id"], "name": name, "architecture": architecture, "epochs": epochs,
-            "min_word_count": min_word_count, "beam_width": beam_width, "seed": seed}))
-        job = _followed_job(client, job, f"training {name}", epochs, _captioner_progress)
-        output, model = job["output"], job["output"]["model"]
-        bleu = output["bleu"]
-        table = Table(title=f"{model['name']} version {model['version']} (test set BLEU)")
-        for column in ("decoding", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"):
-            table.add_column(column, justify="left" if column == "decoding" else "right")
-        for decoding, label in (("greedy", "greedy"), ("beam", f"beam-{bleu['beam_width']}")):
-            table.add_row(label, *(f"{score:.3f}" for score in bleu[decoding]))
-        console.print(table)
-        for example in output.get("examples", [])[:EXAMPLES_SHOWN]:
-            console.print(f"[bold]{example['image']}[/]", highlight=False)
-            for reference in example["references"]:
-                console.print(f"  reference  {reference}", style="dim", highlight=False)
-            console.print(f"  greedy     {example['greedy']}", highlight=False)
-            console.print(f"  beam       {example['beam']}", highlight=False)
 
 
 def _checkpoint_zip(source: str, infra: Infra, scratch: Path) -> Path:
@@ -563,6 +386,12 @@ def import_model(
     model = (done.output or {})["model"]
     console.print(f"tenant [bold]{tenant}[/]: registered [bold]{model['name']}[/] version "
                   f"[bold]{model['version']}[/] (job {done.id})", highlight=False)
+
+
+# The API user's commands (classify, caption, faces, generate, grid, jobs, models list|show, train ...).
+from percept.cli_api import register  # noqa: E402 - after the apps it adds commands to
+
+register(app, train_app, models_app)
 
 
 if __name__ == "__main__":

@@ -125,8 +125,10 @@ def test_training_reports_bleu_progress_and_the_contract(trained):
     assert bleu == result.output["bleu"] == result.card["bleu"]
     assert bleu["beam_width"] == 3 and len(bleu["greedy"]) == len(bleu["beam"]) == 4
     assert all(0 <= b <= 1 for b in bleu["greedy"] + bleu["beam"])
-    assert bleu["beam"][3] >= 0.6 and bleu["greedy"][3] >= 0.5
-    assert bleu["beam"][3] >= bleu["greedy"][3]
+    # Both decodings caption the test split well. Which scores higher BLEU is the model's to say: beam search
+    # finds likelier captions (checked on held-out scenes below), and on these scenes a likelier phrasing ("the
+    # star is red and big") can share fewer 4-grams with the references than greedy's.
+    assert bleu["beam"][3] >= 0.6 and bleu["greedy"][3] >= 0.6
     # BLEU-1 >= BLEU-2 >= ... (cumulative n-gram orders)
     assert bleu["beam"] == sorted(bleu["beam"], reverse=True)
     # One vocabulary: every scene word, markers and <pad>/<unk>
@@ -210,13 +212,17 @@ def test_bad_training_params_raise_with_a_code(params, code, scenes):
 # --- serving -------------------------------------------------------------------------------------------
 
 
-def test_held_out_scenes_reach_bleu4_and_beam_beats_greedy(captioner, held_out):
+def test_held_out_scenes_reach_bleu4_and_beam_finds_likelier_captions(captioner, held_out):
     scenes, images = held_out
-    beam = [out["captions"][0]["text"] for out in caption_all(captioner, images, beam_width=3)]
-    greedy = [out["captions"][0]["text"] for out in caption_all(captioner, images, beam_width=1)]
-    beam_bleu, greedy_bleu = bleu4(beam, scenes), bleu4(greedy, scenes)
-    assert beam_bleu >= 0.6, (beam_bleu, beam[:5])
-    assert beam_bleu >= greedy_bleu, (beam_bleu, greedy_bleu)
+    beam_out = [out["captions"][0] for out in caption_all(captioner, images, beam_width=3)]
+    greedy_out = [out["captions"][0] for out in caption_all(captioner, images, beam_width=1)]
+    beam_bleu = bleu4([caption["text"] for caption in beam_out], scenes)
+    greedy_bleu = bleu4([caption["text"] for caption in greedy_out], scenes)
+    assert beam_bleu >= 0.6 and greedy_bleu >= 0.6, (beam_bleu, greedy_bleu)
+    # What beam search is for: a caption at least as likely as greedy decoding's, for every image
+    for beam, greedy in zip(beam_out, greedy_out, strict=True):
+        assert beam["log_prob"] >= greedy["log_prob"] - 1e-4, (beam, greedy)
+    assert sum(b["log_prob"] for b in beam_out) > sum(g["log_prob"] for g in greedy_out)
 
 
 def test_captions_name_the_right_colour_and_shape(captioner, held_out):
