@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install browser run test lint bench clean
 
 $(STAMP): pyproject.toml services/*/requirements*.txt
 	python3 -m venv $(VENV)
@@ -23,7 +23,11 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/percept run
 
-test: install
+# The console's browser tests (tests/console) drive Debian's chromium through Playwright; never `playwright install`.
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: install browser
 	$(PY) -m pytest
 
 lint: install

@@ -8,11 +8,13 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,6 +41,9 @@ from services.gateway.routers import (
 from services.gateway.webhooks import WebhookSender
 
 log = logging.getLogger("percept.gateway")
+
+# The web console: static pages that call the public API with the user's key (no build step).
+CONSOLE_DIR = Path(__file__).resolve().parent / "console"
 
 # Multipart framing and form fields on top of the image itself.
 BODY_OVERHEAD_BYTES = 1024 * 1024
@@ -153,6 +158,12 @@ def create_app(settings: Settings | None = None, infra: Infra | None = None) -> 
     for router in (health.router, images.router, jobs.router, classify.router, caption.router, models.router,
                    training.router, faces.router, generate.router, webhooks.router):
         app.include_router(router)
+
+    @app.get("/console", include_in_schema=False)
+    async def console_root() -> RedirectResponse:
+        return RedirectResponse("/console/", status_code=308)
+
+    app.mount("/console", StaticFiles(directory=CONSOLE_DIR, html=True), name="console")
 
     @app.exception_handler(PerceptError)
     async def percept_error(_: Request, exc: PerceptError) -> JSONResponse:
