@@ -23,10 +23,6 @@ def get_generation(session: Session, tenant_id: str, image_id: str) -> Generatio
                                                    Generation.tenant_id == tenant_id))
 
 
-def generations_of(session: Session, image_ids: list[str]) -> dict[str, Generation]:
-    return {row.image_id: row for row in session.scalars(select(Generation).where(Generation.image_id.in_(image_ids)))}
-
-
 @dataclass(frozen=True)
 class ImageFilter:
     q: str | None = None  # words of the prompt (or negative prompt)
