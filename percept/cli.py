@@ -5,7 +5,6 @@ the core imports no service.
 """
 
 import hashlib
-import logging
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import typer
 from rich.console import Console
 
 from percept.config import get_settings
+from percept.db.models import Priority
 from percept.infra import Infra, resolve_infra
 
 if TYPE_CHECKING:
@@ -46,20 +46,53 @@ JOB_POLL_SECONDS = 0.5  # `percept models import` reads its job this often while
 
 
 def _logging() -> None:
-    logging.basicConfig(level=get_settings().log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from percept.logs import configure_logging
+
+    configure_logging(get_settings())
 
 
 @app.command()
-def migrate() -> None:
+def migrate(check: bool = typer.Option(False, "--check", help="Change nothing: exit 0 if the schema is at the "
+                                        "latest migration, 1 if not (what a pod's init container waits on)")) -> None:
     """Apply database migrations (and seed the built-in models)."""
-    from percept.db.migrate import upgrade
+    from percept.db.migrate import schema_is_current, upgrade
 
     _logging()
     infra = resolve_infra(get_settings())
+    if check:
+        try:
+            ready, current, head = schema_is_current(infra.database_url)
+        finally:
+            infra.close()
+        if not ready:
+            console.print(f"[yellow]the database is at migration {current or 'none'}, not {head}: "
+                          "`percept migrate` has not run for this release yet[/]", soft_wrap=True)
+            raise typer.Exit(1)
+        console.print(f"[green]database is at migration {current} (this release needs {head})[/]")
+        return
     try:
         upgrade(infra.database_url)
         console.print("[green]database is at the latest migration[/]")
+    finally:
+        infra.close()
+
+
+@app.command("tenant-priority")
+def tenant_priority(name: str = typer.Argument(..., help="Tenant name"),
+                    priority: Priority = typer.Argument(..., help="high, normal or low")) -> None:
+    """Set the priority tenant NAME's new jobs are queued at: a worker takes every waiting `high` job before any
+    `normal` one, and every `normal` one before any `low` one."""
+    from percept.db.session import session_scope
+    from percept.db.tenants import set_priority
+
+    infra = resolve_infra(get_settings())
+    try:
+        with session_scope(infra.database_url) as session:
+            if not set_priority(session, name, priority):
+                console.print(f"[red]no tenant named {name!r}; `percept keys create {name}` makes one[/]")
+                raise typer.Exit(1)
+            session.commit()
+        console.print(f"tenant [bold]{name}[/]: new jobs queue at priority [bold]{priority.value}[/]")
     finally:
         infra.close()
 
@@ -92,7 +125,8 @@ def gateway() -> None:
     # default trusts loopback, which would let any local client pick the address its wrong keys count on).
     uvicorn.run("services.gateway.app:create_app", factory=True, host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), access_log=False,
-                forwarded_allow_ips=settings.trusted_proxies)
+                forwarded_allow_ips=settings.trusted_proxies,
+                log_config=None)  # uvicorn's own lines go through the root handler _logging() made
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -308,7 +342,7 @@ def _submitted_import(infra: Infra, tenant: str, name: str, model_kind: str, job
         session.commit()
     # 3. Sent; a broker that refuses it ends the job, so a late delivery cannot run it
     try:
-        send_job(infra.broker_url, job_kind, job.id)
+        send_job(infra.broker_url, job_kind, job.id, job.priority)
     except DependencyUnavailable:
         with session_scope(infra.database_url) as session:
             job_repo.fail_unsent(session, job.id, "The job queue was unreachable; nothing was run.")

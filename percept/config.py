@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # `inference_timeout` on their last attempt) and stops their heartbeat: Celery's time limits do not
     # reach a batching worker's solo pool, and a call stuck in C code cannot be interrupted.
     inference_deadline: timedelta = timedelta(seconds=120)
+    # What the platform gives a worker between SIGTERM and SIGKILL (k8s terminationGracePeriodSeconds, compose
+    # stop_grace_period): on SIGTERM a worker takes no new job and finishes the ones it holds; a job still running
+    # `handback_margin` before the grace ends is handed back (queued again for another worker) at its next step.
+    shutdown_grace: timedelta = timedelta(seconds=720)
+    handback_margin: timedelta = timedelta(seconds=15)
     # Micro-batching on the classify queue: at most this many images per forward pass. The worker
     # looks at its buffer every `classify_batch_wait`; while more messages wait in the broker it keeps
     # taking them in, for at most `classify_batch_gather`, before the batch runs.
@@ -128,10 +133,19 @@ class Settings(BaseSettings):
 
     code_version: str | None = None
     log_level: str = "INFO"
+    # Log lines as text (for people) or one JSON object a line (for a log pipeline: percept/logs.py). Unset: JSON
+    # when PERCEPT_ENVIRONMENT=production, text otherwise.
+    log_format: Literal["text", "json"] = "text"
+    # A worker's /healthz, /readyz and /metrics (workers/observe.py) on this port; 0: none. Off by default:
+    # `percept run` starts several workers on one host. The Deployments and compose set 9100.
+    worker_http_port: int = Field(0, ge=0, le=65535)
+    # Load the pool's default models before the worker says it is ready, so its first job finds them warm.
+    # Unset: on exactly when worker_http_port is (a readiness probe waits for it).
+    worker_warm_up: bool = False
 
     @field_validator("max_wait", "requeue_after", "job_lease", "sweep_interval", "task_soft_time_limit",
                      "task_hard_time_limit", "inference_deadline", "classify_batch_wait", "classify_batch_gather",
-                     "webhook_timeout", "webhook_retry_base", mode="before")
+                     "webhook_timeout", "webhook_retry_base", "shutdown_grace", "handback_margin", mode="before")
     @classmethod
     def _seconds(cls, value: object) -> object:
         """Durations are given in seconds in the environment (PERCEPT_JOB_LEASE=60), or ISO 8601."""
@@ -199,6 +213,15 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _derived_defaults(self) -> "Settings":
+        """Defaults that follow other settings, for the fields the environment leaves unset."""
+        if "log_format" not in self.model_fields_set and self.environment == "production":
+            self.log_format = "json"
+        if "worker_warm_up" not in self.model_fields_set:
+            self.worker_warm_up = self.worker_http_port != 0
+        return self
 
     @model_validator(mode="after")
     def _production_ready(self) -> "Settings":

@@ -17,6 +17,13 @@ from percept.services import catalog
 # gateway's long-polls and SSE streams wake on it instead of polling the database.
 JOB_EVENTS_CHANNEL = "percept:job-events"
 
+# Per-tenant priorities on the Redis broker: kombu keeps one list per priority step (`<queue>`, `<queue>:3`,
+# `<queue>:6`, ...) and a worker's BRPOP names the lists in ascending step order, so it takes every waiting
+# message of step 0 before any of step 3. On Redis the lowest number is the highest priority.
+PRIORITY_STEPS = (0, 3, 6, 9)
+PRIORITY_SEPARATOR = ":"
+PRIORITIES = {"high": 0, "normal": 3, "low": 6}
+
 
 def make_celery(broker_url: str, name: str = "percept") -> Celery:
     """The Celery app both sides configure the same way (the worker adds its tasks)."""
@@ -39,6 +46,9 @@ def make_celery(broker_url: str, name: str = "percept") -> Celery:
             # A message unacknowledged this long (its worker died) goes back on the queue.
             # The sweeper takes such jobs back sooner through their heartbeat; this is the backstop.
             "visibility_timeout": 3600,
+            "priority_steps": list(PRIORITY_STEPS),
+            "sep": PRIORITY_SEPARATOR,
+            "queue_order_strategy": "priority",
             "socket_timeout": 5,
             "socket_connect_timeout": 3,
         },
@@ -53,12 +63,14 @@ def producer(broker_url: str) -> Celery:
     return make_celery(broker_url, name="percept-producer")
 
 
-def send_job(broker_url: str, kind: str, job_id: str, countdown: float | None = None) -> None:
-    """Send the job's task by name; raise DependencyUnavailable when the broker does not take it."""
+def send_job(broker_url: str, kind: str, job_id: str, priority: str, countdown: float | None = None) -> None:
+    """Send the job's task by name at its tenant's priority (`high`, `normal`, `low`: the job row's); raise
+    DependencyUnavailable when the broker does not take it."""
     job_kind = catalog().kind(kind)
     try:
         producer(broker_url).send_task(
             job_kind.task, args=[job_id], queue=job_kind.queue, countdown=countdown,
+            priority=PRIORITIES.get(priority, PRIORITIES["normal"]),
             retry=True, retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
         )
     except Exception as exc:  # kombu raises several connection error types
@@ -86,14 +98,26 @@ def publish_job_event(broker_url: str, job_id: str, status: str) -> None:
         pass
 
 
+def priority_lists(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's messages, one per priority step (kombu's names)."""
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
+
+
+def _waiting(client: redis.Redis, queue: str) -> int:
+    with client.pipeline(transaction=False) as pipe:
+        for name in priority_lists(queue):
+            pipe.llen(name)
+        return sum(int(n) for n in pipe.execute())
+
+
 def waiting_messages(broker_url: str, queue: str) -> int:
-    """Messages in the queue no worker has taken yet; 0 when the broker cannot say."""
+    """Messages in the queue no worker has taken yet, at every priority; 0 when the broker cannot say."""
     try:
-        return int(redis_client(broker_url).llen(queue))
+        return _waiting(redis_client(broker_url), queue)
     except redis.RedisError:
         return 0
 
 
 def queue_depths(broker_url: str) -> dict[str, int]:
     client = redis_client(broker_url)
-    return {queue: int(client.llen(queue)) for queue in catalog().queues}
+    return {queue: _waiting(client, queue) for queue in catalog().queues}

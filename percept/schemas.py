@@ -60,6 +60,9 @@ class ImagePage(BaseModel):
     next_cursor: str | None
 
 
+Priority = Literal["high", "normal", "low"]
+
+
 class JobOut(BaseModel):
     id: str
     kind: str
@@ -73,6 +76,10 @@ class JobOut(BaseModel):
     error: dict[str, Any] | None
     provenance: dict[str, Any] | None
     attempts: int
+    # The tenant's priority the job was queued at: `high`, `normal` or `low`.
+    priority: Priority = "normal"
+    # `Cancel-After`: still queued or running at this time, the job is canceled (`deadline_exceeded`).
+    deadline_at: datetime | None = None
     parent_id: str | None
     children: list[str] = []
 
@@ -81,7 +88,8 @@ class JobOut(BaseModel):
         return cls(id=job.id, kind=job.kind, status=job.status.value, created_at=job.created_at,
                    started_at=job.started_at, finished_at=job.finished_at, progress=job.progress,
                    params=job.params, output=job.output, error=job.error, provenance=job.provenance,
-                   attempts=job.attempts, parent_id=job.parent_id, children=children or [])
+                   attempts=job.attempts, priority=cast(Priority, job.priority), deadline_at=job.deadline_at,
+                   parent_id=job.parent_id, children=children or [])
 
 
 class JobPage(BaseModel):

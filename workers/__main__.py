@@ -6,7 +6,9 @@ import sys
 
 from percept.config import get_settings
 from percept.infra import resolve_infra
+from percept.logs import configure_logging
 from percept.services import catalog, import_by_name
+from workers import observe
 from workers.app import create_worker_app
 
 # The thread pools of torch (OpenMP), MKL and OpenBLAS read these once, when the framework loads.
@@ -19,7 +21,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"usage: python -m workers {{{'|'.join(pools)}}} [celery worker options]")
     name, extra = argv[0], argv[1:]
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings, observe.CeleryTaskFields({kind.task: kind.name
+                                                          for kind in catalog().job_kinds.values()}))
     service, pool = pools[name]
     if settings.cpu_threads:
         # Before any framework loads (the device check below imports it); the pool's children inherit them.
@@ -31,14 +34,20 @@ def main(argv: list[str]) -> None:
         except ValueError as exc:
             sys.exit(f"percept worker {name}: {exc}")
         logging.getLogger("workers").info("worker %s runs its models on %s", name, device)
+    observe.prepare(settings)  # before the pool forks: its processes share the metrics directory
     infra = resolve_infra(settings)
     app = create_worker_app(infra, pool)
+    if settings.worker_http_port:
+        observe.serve(settings)
+    # JSON logs: Celery's start-up banner (plain text on stdout) would be the one line that is not JSON.
+    quiet = ["--quiet"] if settings.log_format == "json" else []
     try:
-        app.worker_main(["worker", "-Q", ",".join(pool.queues), "-n", f"{name}-{os.getpid()}@%h",
+        app.worker_main([*quiet, "worker", "-Q", ",".join(pool.queues), "-n", f"{name}-{os.getpid()}@%h",
                          "--pool", pool.pool, "--concurrency", "1", "--loglevel", settings.log_level,
                          "--without-gossip", "--without-mingle", *extra])
     finally:
         infra.close()
+        observe.cleanup()
 
 
 if __name__ == "__main__":

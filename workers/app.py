@@ -9,13 +9,14 @@ import time
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_shutting_down
 from celery_batches import Batches
 
 from percept.config import Settings
 from percept.infra import Infra
 from percept.queue import make_celery, waiting_messages
 from percept.services import JobKind, WorkerPool, catalog
+from workers import drain, observe
 from workers.runtime import JobRuntime
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,16 @@ def create_worker_app(infra: Infra, pool: WorkerPool) -> Celery:
         _session_factory.cache_clear()
         runtime_holder.clear()
 
+    drain.clear()  # this worker process's marker, left in a /tmp that outlived an earlier container
+
+    @worker_shutting_down.connect(weak=False)
+    def _draining(**_: Any) -> None:
+        # SIGTERM (warm shutdown): Celery takes no new message and waits for the running task; the job's process
+        # reads when this began and hands its job back if the grace period would end first (workers/drain.py).
+        log.info("shutting down: finishing the jobs held (hand-back %g s from now if still running)",
+                 (settings.shutdown_grace - settings.handback_margin).total_seconds())
+        drain.begin()
+
     def run_batch(requests: list[Any]) -> None:
         """Micro-batch: every queued job of the kind in this flush goes through one predict() call."""
         runtime().run([request.args[0] for request in requests])
@@ -96,4 +107,5 @@ def create_worker_app(infra: Infra, pool: WorkerPool) -> Celery:
                      gather_seconds=settings.classify_batch_gather.total_seconds())(run_batch)
         else:
             app.task(name=kind.task, acks_late=True)(run_one)
+    observe.install(app, kinds, runtime)
     return app

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from percept.predictor import ModelInfo, Predictor
 from percept.services import import_by_name
+from workers import observe
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class ModelCache:
                 self._evict(len(self._loaded))
                 info = predictor.setup()
             loaded = LoadedModel(predictor, info, (time.perf_counter() - started) * 1000)
+            observe.model_loaded(spec, info.device, loaded.load_ms / 1000)
             self._evict(len(self._loaded) + 1 - self.max_models)
             while self._loaded and info.device_memory_bytes and self._memory(info) > \
                     info.device_memory_bytes * self.memory_fraction:

@@ -32,6 +32,7 @@ from percept.db.session import session_scope
 from percept.errors import DependencyUnavailable, PerceptError
 from percept.imaging import decode_rgb
 from percept.infra import Infra
+from percept.logs import job_context
 from percept.predictor import (
     ChildResult,
     JobCanceled,
@@ -45,6 +46,7 @@ from percept.queue import publish_job_event, send_job
 from percept.services import catalog, import_by_name
 from percept.storage import StoredCache, object_key_for
 from percept.version import code_version, library_versions
+from workers import drain
 from workers.model_cache import LoadedModel, ModelCache, ModelSource
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,7 @@ class ClaimedJob:
     created_at: datetime
     started_at: datetime
     parent_id: str | None = None
+    priority: str = "normal"  # the tenant's, as the job was submitted: sent again at the same priority
     request: PredictRequest | None = None
     model_info: ModelInfo | None = None
     image_keys: list[str] = field(default_factory=list)  # the input images' object keys
@@ -184,7 +187,8 @@ class JobRuntime:
     def _claim(self, job_ids: list[str]) -> list[ClaimedJob]:
         with session_scope(self.infra.database_url) as session:
             claimed = [ClaimedJob(job.id, job.tenant_id, job.kind, job.attempts, job.model_name or "", job.params,
-                                  job.inputs, job.created_at, job.started_at or job.created_at, job.parent_id)
+                                  job.inputs, job.created_at, job.started_at or job.created_at, job.parent_id,
+                                  job.priority)
                        for job in job_repo.claim(session, list(dict.fromkeys(job_ids)), self.worker_name)]
             inference = [job for job in claimed if is_inference(job.kind)]
             images = image_repo.get_images(
@@ -221,32 +225,42 @@ class JobRuntime:
                 job.error = exc.to_dict()
 
     def run(self, job_ids: list[str]) -> None:
-        jobs = self._claim(job_ids)
-        if not jobs:
-            return
-        with Heartbeat(self, jobs) as heartbeat:
-            try:
-                for job in jobs:
-                    if is_training(job.kind):
-                        self._train(job)
-                    elif is_fan_out(job.kind):
-                        self._fan_out(job)
-                for group in self._group_by_model([job for job in jobs if is_inference(job.kind)]):
-                    if heartbeat.gave_up:
-                        break
-                    loaded = self._load_model(group[0].model_row)
-                    self._load_inputs(group, getattr(loaded.predictor, "input_size", None))
-                    self._predict([job for job in group if job.error is None], loaded, heartbeat)
-            except DependencyUnavailable as exc:
-                self._retry_later(jobs, exc.message)
+        with job_context(job_ids=job_ids, whole_process=True) as log_context:
+            jobs = self._claim(job_ids)
+            log_context.update(job_ids=[job.id for job in jobs], tenant_ids=[job.tenant_id for job in jobs],
+                               kinds=[job.kind for job in jobs])
+            if not jobs:
                 return
-        if heartbeat.gave_up:
-            log.warning("dropped the results of %d jobs given up at the inference deadline", len(jobs))
-            return
-        try:
-            self._write_results(jobs)
-        except DependencyUnavailable as exc:  # nothing was written: the transaction was rolled back whole
-            self._retry_later(jobs, exc.message)
+            with Heartbeat(self, jobs) as heartbeat:
+                try:
+                    for job in jobs:
+                        if is_training(job.kind):
+                            self._train(job)
+                        elif is_fan_out(job.kind):
+                            self._fan_out(job)
+                    for group in self._group_by_model([job for job in jobs if is_inference(job.kind)]):
+                        if heartbeat.gave_up:
+                            break
+                        if drain.handback_due(self.infra.settings):
+                            raise JobHandedBack()
+                        loaded = self._load_model(group[0].model_row)
+                        self._load_inputs(group, getattr(loaded.predictor, "input_size", None))
+                        self._predict([job for job in group if job.error is None], loaded, heartbeat)
+                except DependencyUnavailable as exc:
+                    self._retry_later(jobs, exc.message)
+                    return
+                except JobHandedBack:
+                    self._retry_later([job for job in jobs if not job.waiting],
+                                      "the worker is shutting down and its grace period ends before they would",
+                                      backoff=False)
+                    return
+            if heartbeat.gave_up:
+                log.warning("dropped the results of %d jobs given up at the inference deadline", len(jobs))
+                return
+            try:
+                self._write_results(jobs)
+            except DependencyUnavailable as exc:  # nothing was written: the transaction was rolled back whole
+                self._retry_later(jobs, exc.message)
 
     @staticmethod
     def _group_by_model(jobs: list[ClaimedJob]) -> list[list[ClaimedJob]]:
@@ -299,7 +313,7 @@ class JobRuntime:
             # 2. Train, reporting every step; a cancel stops it at the next step boundary
             started = time.perf_counter()
             result = import_by_name(kind.trainer)().train(data, job.params, self._step_reporter([job], every=0.0))
-        except DependencyUnavailable:
+        except (DependencyUnavailable, JobHandedBack):
             raise
         except JobCanceled:
             job.error = {"code": "canceled", "message": "The job was canceled while it ran."}
@@ -367,7 +381,7 @@ class JobRuntime:
                     return
                 for row in rows:
                     try:
-                        send_job(self.infra.broker_url, row.kind, row.id)
+                        send_job(self.infra.broker_url, row.kind, row.id, row.priority)
                     except DependencyUnavailable:
                         log.warning("broker unavailable; child %s stays queued for the sweeper", row.id)
                         break
@@ -423,6 +437,8 @@ class JobRuntime:
                 outputs = list(loaded.predictor.predict([job.request for job in jobs if job.request is not None],
                                                         on_step=self._step_reporter(jobs)))
             errors = [None] * len(jobs)
+        except JobHandedBack:
+            raise
         except JobCanceled:
             outputs, errors = [None] * len(jobs), [{"code": "canceled", "message": "Canceled."}] * len(jobs)
         except ValueError as exc:
@@ -454,6 +470,8 @@ class JobRuntime:
 
         def on_step(done: int, total: int, info: dict[str, Any] | None = None) -> None:
             nonlocal last_write
+            if drain.handback_due(self.infra.settings):  # SIGTERM came, and the grace ends before the job would
+                raise JobHandedBack()
             # Sub-second inference steps are not worth a database write each; finish() still sees a cancel.
             if time.monotonic() - last_write < every:
                 return
@@ -482,7 +500,7 @@ class JobRuntime:
             # the parent of a last child), so a parent never misses the end of one.
             parents = job_repo.wake_parents(session, [job.parent_id for job in jobs
                                                       if job.parent_id and not job.waiting])
-            woken = [(parent.kind, parent.id, status) for parent, status in parents]
+            woken = [(parent.kind, parent.id, parent.priority, status) for parent, status in parents]
             session.commit()
         for job_id, status_name in written:
             publish_job_event(self.infra.broker_url, job_id, status_name)
@@ -537,8 +555,9 @@ class JobRuntime:
                                provenance=self._provenance(job), search_text=search_text_of(job.kind, job.output),
                                done=job.children or 1)
 
-    def _retry_later(self, jobs: list[ClaimedJob], reason: str) -> None:
-        """A dependency went away mid-job: release the jobs and send them again with backoff."""
+    def _retry_later(self, jobs: list[ClaimedJob], reason: str, backoff: bool = True) -> None:
+        """A dependency went away mid-job (or the worker is going away): release the jobs and send them again,
+        with backoff unless `backoff` is off."""
         log.warning("retrying %d jobs later: %s", len(jobs), reason)
         try:
             with session_scope(self.infra.database_url) as session:
@@ -551,7 +570,8 @@ class JobRuntime:
                 publish_job_event(self.infra.broker_url, job.id, status.value)
             elif status is JobStatus.QUEUED:
                 try:
-                    send_job(self.infra.broker_url, job.kind, job.id, countdown=min(2 ** job.attempt, 60))
+                    send_job(self.infra.broker_url, job.kind, job.id, job.priority,
+                             countdown=min(2 ** job.attempt, 60) if backoff else None)
                 except DependencyUnavailable:
                     pass  # still queued in the database: the sweeper sends it
 
@@ -607,16 +627,21 @@ class JobRuntime:
         }
 
 
-def send_woken_parents(broker_url: str, woken: list[tuple[str, str, JobStatus]]) -> None:
+def send_woken_parents(broker_url: str, woken: list[tuple[str, str, str, JobStatus]]) -> None:
     """After the commit that woke them: a parent queued again is sent (to gather its children; if the broker is
     away the sweeper sends it later), and every changed parent's watchers are told."""
-    for kind, job_id, status in woken:
+    for kind, job_id, priority, status in woken:
         if status is JobStatus.QUEUED:
             try:
-                send_job(broker_url, kind, job_id)
+                send_job(broker_url, kind, job_id, priority)
             except DependencyUnavailable:
                 log.warning("broker unavailable; parent job %s stays queued for the sweeper", job_id)
         publish_job_event(broker_url, job_id, "running" if status is JobStatus.QUEUED else status.value)
+
+
+class JobHandedBack(Exception):
+    """Raised at a step boundary when the worker is shutting down and its grace period would end before the job:
+    the run releases its jobs (queued again, sent at once) for another worker."""
 
 
 class _ClaimLost(Exception):

@@ -7,12 +7,13 @@ can never both run a job, and a worker whose lease was taken back cannot write a
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Float, func, or_, select, update
+from sqlalchemy import Float, cast, func, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from percept.db.ids import new_id
-from percept.db.models import Job, JobStatus
+from percept.db.models import Job, JobStatus, Priority, Tenant
 from percept.db.session import rowcount
 
 PENDING = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -39,13 +40,20 @@ def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job |
 
 
 def queued_job(tenant_id: str, kind: str, queue: str, params: dict[str, Any], inputs: list[dict[str, Any]], *,
-               idempotency_key: str | None = None, request_hash: str | None = None) -> Job:
+               idempotency_key: str | None = None, request_hash: str | None = None, priority: str = "normal",
+               deadline_at: datetime | None = None) -> Job:
     """A new job row as every submission makes it (the gateway's, and `percept models import`'s), not yet added."""
     return Job(id=new_id("job"), tenant_id=tenant_id, kind=kind, queue=queue, status=JobStatus.QUEUED,
                model_name=params.get("model", params.get("name")), params=params, inputs=inputs,
                progress={"done": 0, "total": 1}, attempts=0, cancel_requested=False,
                provenance={"inputs": inputs, "seed": params.get("seed")},
-               idempotency_key=idempotency_key, request_hash=request_hash)
+               idempotency_key=idempotency_key, request_hash=request_hash, priority=priority,
+               deadline_at=deadline_at)
+
+
+def tenant_priority(session: Session, tenant_id: str) -> str:
+    """The priority the tenant's new jobs are queued at."""
+    return session.scalar(select(Tenant.priority).where(Tenant.id == tenant_id)) or Priority.NORMAL.value
 
 
 def add_job(session: Session, job: Job) -> bool:
@@ -97,7 +105,8 @@ def claim(session: Session, job_ids: list[str], worker: str) -> list[Job]:
     canceled) are left out."""
     return list(session.scalars(
         update(Job)
-        .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False))
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False),
+               or_(Job.deadline_at.is_(None), Job.deadline_at > func.now()))  # past it: the sweeper ends it
         .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker,
                 started_at=func.coalesce(Job.started_at, func.now()), heartbeat_at=func.now())
         .returning(Job)))
@@ -139,6 +148,8 @@ def finish(session: Session, job_id: str, attempt: int, status: JobStatus, *,
                    "error": {"code": "canceled", "message": "The job was canceled while it ran."}}
     if status is not JobStatus.SUCCEEDED:
         del values["progress"]  # keep the progress the job had reached
+    if status is JobStatus.CANCELED:
+        values["error"] = cancel_error(values["error"])
     result = session.execute(update(Job).where(*holds).values(**values))
     return status if rowcount(result) == 1 else None
 
@@ -154,7 +165,7 @@ def release(session: Session, job_id: str, attempt: int) -> JobStatus | None:
         return JobStatus.QUEUED
     canceled = session.execute(update(Job).where(*holds).values(
         status=JobStatus.CANCELED, finished_at=func.now(),
-        error={"code": "canceled", "message": "The job was canceled while it ran."}))
+        error=cancel_error({"code": "canceled", "message": "The job was canceled while it ran."})))
     return JobStatus.CANCELED if rowcount(canceled) == 1 else None
 
 
@@ -175,6 +186,40 @@ def fail_unsent(session: Session, job_id: str, message: str) -> None:
     session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
                     .values(status=JobStatus.CANCELED, cancel_requested=True, finished_at=func.now(),
                             error={"code": "broker_unavailable", "message": message}))
+
+
+def cancel_error(error: dict[str, Any]) -> Any:
+    """The error a canceled job ends with: the one its cancel recorded (`deadline_exceeded`), else `error`."""
+    return func.coalesce(Job.error, cast(error, JSONB))
+
+
+def deadline_error(deadline_at: Any, running: bool) -> dict[str, Any]:
+    where = "running" if running else "queued"
+    return {"code": "deadline_exceeded",
+            "message": f"The job was still {where} at its deadline (the request's Cancel-After), so it was "
+                       "canceled; give it a longer Cancel-After, or none.",
+            "details": {"deadline_at": deadline_at.isoformat()}}
+
+
+def expire_deadlines(session: Session, limit: int = 500) -> tuple[list[Job], list[Job]]:
+    """Jobs past their deadline: a queued one is canceled at once; a running one is flagged, and its worker
+    stops it at the next step boundary (or, for a call it cannot interrupt, drops its result), ending it
+    canceled with this error. Returns (ended, flagged)."""
+    jobs = list(session.scalars(
+        select(Job).where(Job.deadline_at.is_not(None), Job.deadline_at <= func.now(), Job.status.in_(PENDING),
+                          Job.cancel_requested.is_(False))
+        .order_by(Job.deadline_at).limit(limit).with_for_update(skip_locked=True)))
+    ended, flagged = [], []
+    for job in jobs:
+        job.cancel_requested = True
+        job.error = deadline_error(job.deadline_at, running=job.status is JobStatus.RUNNING)
+        if job.status is JobStatus.QUEUED:
+            job.status, job.finished_at = JobStatus.CANCELED, func.now()
+            ended.append(job)
+        else:
+            flagged.append(job)
+    session.flush()
+    return ended, flagged
 
 
 def take_stale_queued(session: Session, older_than: datetime, limit: int = 500) -> list[Job]:
@@ -198,7 +243,7 @@ def take_expired_running(session: Session, heartbeat_before: datetime, max_attem
     for job in jobs:
         if job.cancel_requested:
             job.status, job.finished_at = JobStatus.CANCELED, func.now()
-            job.error = {"code": "canceled", "message": "The job was canceled while it ran."}
+            job.error = job.error or {"code": "canceled", "message": "The job was canceled while it ran."}
             ended.append(job)
         elif job.attempts >= max_attempts:
             job.status, job.finished_at = JobStatus.FAILED, func.now()
@@ -212,9 +257,14 @@ def take_expired_running(session: Session, heartbeat_before: datetime, max_attem
 
 
 # The metrics' running totals (services/gateway/metrics.py) read jobs by ranges of the primary key (ids
-# sort by creation time), never the whole table. A total is ((kind, status, model name), (jobs, jobs with
-# an inference time, inference seconds)).
+# sort by creation time), never the whole table. A total is ((kind, status, model name), values): jobs, jobs
+# with an inference time, inference seconds, then for each of TIMED (queue wait, inference, total time) the
+# jobs timed, their seconds, and the jobs at or under each of HISTOGRAM_BUCKETS.
 METRICS_ID_BATCH = 5000  # ids per `IN (...)`: well under the protocol's 65535 parameters
+TIMED = ("queued", "inference", "total")  # provenance.timings_ms
+# Seconds: from a 5 ms classification to an 11-minute generation or training.
+HISTOGRAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 660.0)
+JobTotal = tuple[tuple[str, str, str | None], tuple[float, ...]]
 
 
 def newest_job_created_before(session: Session, age: timedelta) -> str | None:
@@ -222,24 +272,51 @@ def newest_job_created_before(session: Session, age: timedelta) -> str | None:
     return session.scalar(select(Job.id).where(Job.created_at < func.now() - age).order_by(Job.id.desc()).limit(1))
 
 
-def _inference_ms_and_model() -> tuple[Any, Any]:
-    return (Job.provenance["timings_ms"]["inference"].astext.cast(Float), Job.provenance["model"]["name"].astext)
+def _timings_ms() -> list[Any]:
+    return [Job.provenance["timings_ms"][name].astext.cast(Float) for name in TIMED]
+
+
+def _model() -> Any:
+    return Job.provenance["model"]["name"].astext
 
 
 def job_totals(session: Session, *, after: str | None, upto: str | None = None,
-               ended_only: bool = False) -> list[tuple[tuple[str, str, str | None], tuple[int, int, float]]]:
+               ended_only: bool = False) -> list[JobTotal]:
     """Totals of the jobs whose id is in (after, upto] (open where None); only ended ones if asked."""
-    ms, model = _inference_ms_and_model()
-    query = select(Job.kind, Job.status, model, func.count(), func.count(ms), func.sum(ms))
+    timings, model = _timings_ms(), _model()
+    inference = timings[1]
+    columns: list[Any] = [func.count(), func.count(inference), func.sum(inference)]
+    for ms in timings:
+        columns += [func.count(ms), func.sum(ms), *(func.count().filter(ms <= le * 1000) for le in HISTOGRAM_BUCKETS)]
+    query = select(Job.kind, Job.status, model, *columns)
     if after is not None:
         query = query.where(Job.id > after)
     if upto is not None:
         query = query.where(Job.id <= upto)
     if ended_only:
         query = query.where(Job.status.not_in(PENDING))
-    rows = session.execute(query.group_by(Job.kind, Job.status, model))
-    return [((kind, status.value, name), (jobs, timed, (total or 0.0) / 1000))
-            for kind, status, name, jobs, timed, total in rows]
+    totals = []
+    for kind, status, name, *values in session.execute(query.group_by(Job.kind, Job.status, model)):
+        # sums are in ms (None when nothing was timed): seconds, like every other figure
+        totals.append(((kind, status.value, name), tuple(
+            (value or 0.0) / 1000 if _is_sum(i) else float(value) for i, value in enumerate(values))))
+    return totals
+
+
+def _is_sum(index: int) -> bool:
+    """Whether values[index] is a sum of milliseconds (the others are counts)."""
+    per_timing = 2 + len(HISTOGRAM_BUCKETS)
+    return index == 2 or (index >= 3 and (index - 3) % per_timing == 1)
+
+
+def _values_of(timings_ms: list[float | None]) -> tuple[float, ...]:
+    """One job's values, as job_totals adds them up."""
+    inference = timings_ms[1]
+    values: list[float] = [1, int(inference is not None), (inference or 0.0) / 1000]
+    for ms in timings_ms:
+        values += [int(ms is not None), (ms or 0.0) / 1000,
+                   *(int(ms is not None and ms <= le * 1000) for le in HISTOGRAM_BUCKETS)]
+    return tuple(values)
 
 
 def pending_job_ids(session: Session, *, after: str | None, upto: str) -> list[str]:
@@ -250,18 +327,27 @@ def pending_job_ids(session: Session, *, after: str | None, upto: str) -> list[s
     return list(session.scalars(query))
 
 
-def job_totals_by_id(session: Session, ids: list[str]
-                     ) -> list[tuple[str, bool, tuple[str, str, str | None], tuple[int, int, float]]]:
+def job_totals_by_id(session: Session, ids: list[str]) -> list[tuple[str, bool, tuple[str, str, str | None],
+                                                                      tuple[float, ...]]]:
     """(id, ended, labels, values) of each of these jobs that still exists."""
-    ms, model = _inference_ms_and_model()
-    found: list[tuple[str, bool, tuple[str, str, str | None], tuple[int, int, float]]] = []
+    found: list[tuple[str, bool, tuple[str, str, str | None], tuple[float, ...]]] = []
     for start in range(0, len(ids), METRICS_ID_BATCH):
-        rows = session.execute(select(Job.id, Job.kind, Job.status, model, ms)
+        rows = session.execute(select(Job.id, Job.kind, Job.status, _model(), *_timings_ms())
                                .where(Job.id.in_(ids[start:start + METRICS_ID_BATCH])))
-        found.extend((job_id, status.is_terminal(), (kind, status.value, name),
-                      (1, int(seconds is not None), (seconds or 0.0) / 1000))
-                     for job_id, kind, status, name, seconds in rows)
+        found.extend((job_id, status.is_terminal(), (kind, status.value, name), _values_of(list(timings)))
+                     for job_id, kind, status, name, *timings in rows)
     return found
+
+
+def backlog(session: Session) -> list[tuple[str, str, int, float]]:
+    """(queue, state, jobs, seconds the oldest has waited since it was submitted) for the jobs waiting for or
+    held by a worker now: `queued`, and `running` on a worker. A fan-out parent waiting for its children is
+    running on none (no worker, no heartbeat) and is not counted: its children are."""
+    held = or_(Job.status == JobStatus.QUEUED, Job.worker.is_not(None))
+    rows = session.execute(
+        select(Job.queue, Job.status, func.count(), func.extract("epoch", func.now() - func.min(Job.created_at)))
+        .where(Job.status.in_(PENDING), held).group_by(Job.queue, Job.status))
+    return [(queue, status.value, count, float(age or 0.0)) for queue, status, count, age in rows]
 
 
 # -- fan-out: a parent job waits for its children --------------------------------------------------------------
@@ -274,12 +360,15 @@ def add_children(session: Session, parent_id: str, attempt: int, tenant_id: str,
     the transaction of the caller; None (and nothing recorded) when this attempt no longer holds the parent."""
     waiting = session.execute(
         update(Job).where(Job.id == parent_id, Job.status == JobStatus.RUNNING, Job.attempts == attempt)
-        .values(worker=None, heartbeat_at=None, progress={"done": 0, "total": len(children), "stage": "children"}))
-    if rowcount(waiting) != 1:
+        .values(worker=None, heartbeat_at=None, progress={"done": 0, "total": len(children), "stage": "children"})
+        .returning(Job.priority, Job.deadline_at)).first()
+    if waiting is None:
         return None
     jobs = []
     for index, (kind, queue, params) in enumerate(children):
-        job = queued_job(tenant_id, kind, queue, {**params, "child": index}, [])
+        # A child runs at its parent's priority and ends by its parent's deadline.
+        job = queued_job(tenant_id, kind, queue, {**params, "child": index}, [], priority=waiting.priority,
+                         deadline_at=waiting.deadline_at)
         job.parent_id = parent_id
         session.add(job)
         jobs.append(job)
@@ -306,8 +395,8 @@ def wake_parents(session: Session, parent_ids: list[str]) -> list[tuple[Job, Job
             changed.append((parent, JobStatus.RUNNING))
         elif parent.cancel_requested:
             parent.status, parent.finished_at = JobStatus.CANCELED, func.now()
-            parent.error = {"code": "canceled", "message": "The job was canceled; its children that had not "
-                                                           "ended were canceled with it."}
+            parent.error = parent.error or {"code": "canceled", "message": "The job was canceled; its children "
+                                                                           "that had not ended were canceled with it."}
             changed.append((parent, JobStatus.CANCELED))
         else:
             parent.status, parent.queued_at = JobStatus.QUEUED, func.now()

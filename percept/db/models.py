@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     DateTime,
     Enum,
     ForeignKey,
@@ -45,12 +46,23 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 
 
+class Priority(enum.StrEnum):
+    """A tenant's share of the queues: a worker takes every waiting `high` job before any `normal` one, and
+    every `normal` one before any `low` one (see percept.queue)."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
 class Tenant(Base):
     __tablename__ = "tenants"
     __mapper_args__ = {"eager_defaults": True}  # server defaults come back on INSERT
+    __table_args__ = (CheckConstraint("priority IN ('high', 'normal', 'low')", name="priority"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    priority: Mapped[str] = mapped_column(String(10), server_default=Priority.NORMAL.value)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
@@ -118,6 +130,10 @@ class Job(Base):
         Index("ix_jobs_status_queued_at", "status", "queued_at"),
         Index("uq_jobs_tenant_id_idempotency_key", "tenant_id", "idempotency_key", unique=True,
               postgresql_where="idempotency_key IS NOT NULL"),
+        Index("ix_jobs_deadline_at", "deadline_at",
+              postgresql_where="deadline_at IS NOT NULL AND status IN ('queued', 'running')"),
+        Index("ix_jobs_queue_pending", "queue", "status", "queued_at",
+              postgresql_where="status IN ('queued', 'running')"),
     )
 
     # ULID-based: lexical order is creation order, which cursor pagination relies on.
@@ -142,6 +158,10 @@ class Job(Base):
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     worker: Mapped[str | None] = mapped_column(String(200))
+    # The tenant's priority when the job was submitted: the broker queues it at that priority.
+    priority: Mapped[str] = mapped_column(String(10), server_default=Priority.NORMAL.value)
+    # `Cancel-After`: a job still queued or running at this time is canceled (`deadline_exceeded`).
+    deadline_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     # Last time the job was (re)sent to the queue; the sweeper re-sends stale queued jobs.
     queued_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -3,11 +3,11 @@
 import hashlib
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from percept.db.ids import new_id
-from percept.db.models import ApiKey, Tenant
+from percept.db.models import ApiKey, Priority, Tenant
 
 KEY_PREFIX = "pk_"
 
@@ -37,3 +37,9 @@ def create_key(session: Session, tenant_name: str) -> tuple[Tenant, str]:
 def tenant_id_for_key(session: Session, key: str) -> str | None:
     return session.scalar(
         select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
+
+
+def set_priority(session: Session, name: str, priority: Priority) -> bool:
+    """The priority the tenant's new jobs are queued at (jobs already queued keep theirs); False: no such tenant."""
+    result = session.execute(update(Tenant).where(Tenant.name == name).values(priority=priority.value))
+    return bool(getattr(result, "rowcount", 0))

@@ -1,6 +1,7 @@
-"""Prometheus metrics: request latency here; jobs, queue depth, inference time and webhook deliveries read
-at scrape time from Postgres (the job record) and the broker, so every gateway replica reports the same
-truth.
+"""Prometheus metrics: request latency here; jobs, the backlog per queue (what the workers scale on), queue
+wait, inference and total time per job kind and model, broker queue depth and webhook deliveries read at
+scrape time from Postgres (the job record) and the broker, so every gateway replica reports the same truth
+(aggregate replicas with `max`, never `sum`).
 
 Jobs and deliveries are counted over all time without reading their tables at every scrape: see
 RunningTotals. The bench `bench/metrics_scrape.py` measures a scrape with a million jobs.
@@ -14,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric, SummaryMetricFamily
 from sqlalchemy.orm import Session
 
 from percept.db import jobs as job_repo
@@ -22,12 +23,18 @@ from percept.db import webhooks as webhook_repo
 from percept.db.session import session_scope
 from percept.infra import Infra
 from percept.queue import queue_depths
+from percept.services import catalog
 
 log = logging.getLogger(__name__)
 # A row is folded into the running totals once it is this old. A job or delivery commits within its
 # request or worker transaction, seconds after its id is drawn (ids grow with creation time); one that
 # committed later than this below the fold would go uncounted by the replicas that folded past it.
 SETTLE = timedelta(seconds=60)
+
+# Histograms per job kind and model, from each ended job's provenance timings: (metric name, help).
+HISTOGRAMS = {"queued": ("queue_wait", "Time from submission until a worker started the job"),
+              "inference": ("inference", "Model time of the job (its batch's predict() call, or training)"),
+              "total": ("duration", "Time from submission until the job ended")}
 
 Labels = tuple[Any, ...]
 Values = tuple[float, ...]
@@ -107,12 +114,12 @@ class PlatformCollector:
         self.jobs = RunningTotals(JOBS)
         self.deliveries = RunningTotals(DELIVERIES)
 
-    def totals(self) -> tuple[Totals, Totals]:
-        """(jobs by (kind, status, model), deliveries by (status,)), read now."""
+    def totals(self) -> tuple[Totals, Totals, list[tuple[str, str, int, float]]]:
+        """(jobs by (kind, status, model), deliveries by (status,), the backlog per queue), read now."""
         with session_scope(self.infra.database_url) as session:
             # One snapshot for every read: a job that ends between two of them is counted exactly once.
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-            return self.jobs.refresh(session), self.deliveries.refresh(session)
+            return self.jobs.refresh(session), self.deliveries.refresh(session), job_repo.backlog(session)
 
     def warm_up(self) -> None:
         """The replica's one pass over the history, at start-up rather than in the first scrape."""
@@ -125,21 +132,46 @@ class PlatformCollector:
         jobs = GaugeMetricFamily("percept_jobs", "Jobs by kind and status", labels=["kind", "status"])
         inference = SummaryMetricFamily("percept_inference_seconds",
                                         "Model inference time of finished jobs", labels=["model"])
-        depth = GaugeMetricFamily("percept_queue_depth", "Messages waiting per queue", labels=["queue"])
+        histograms = {name: HistogramMetricFamily(f"percept_job_{metric}_seconds", text, labels=["kind", "model"])
+                      for name, (metric, text) in HISTOGRAMS.items()}
+        waiting = GaugeMetricFamily("percept_queue_jobs", "Jobs per queue from the job records: `queued` (waiting "
+                                    "for a worker) and `running` (held by one); what the workers scale on",
+                                    labels=["queue", "state"])
+        oldest = GaugeMetricFamily("percept_queue_oldest_queued_seconds",
+                                   "Seconds since the oldest queued job of the queue was submitted (0: none queued)",
+                                   labels=["queue"])
+        depth = GaugeMetricFamily("percept_queue_depth", "Messages waiting per queue in the broker",
+                                  labels=["queue"])
         deliveries = GaugeMetricFamily("percept_webhook_deliveries", "Webhook deliveries by status",
                                        labels=["status"])
         try:
-            job_totals, delivery_totals = self.totals()
+            job_totals, delivery_totals, backlog = self.totals()
             by_job: Totals = {}
             by_model: Totals = {}
-            for (kind, status, model), (count, timed, seconds) in job_totals.items():
-                _add(by_job, [((kind, status), (count,))])
-                if timed:
-                    _add(by_model, [((model or "unknown",), (timed, seconds))])
+            by_kind_model: Totals = {}
+            for (kind, status, model), values in job_totals.items():
+                _add(by_job, [((kind, status), (values[0],))])
+                if values[1]:
+                    _add(by_model, [((model or "unknown",), (values[1], values[2]))])
+                _add(by_kind_model, [((kind, model or "unknown"), tuple(values[3:]))])
             for (kind, status), (count,) in by_job.items():
                 jobs.add_metric([kind, status], count)
             for (model,), (count, seconds) in by_model.items():
                 inference.add_metric([model], int(count), seconds)
+            per_timing = 2 + len(job_repo.HISTOGRAM_BUCKETS)
+            for (kind, model), values in by_kind_model.items():
+                for i, name in enumerate(job_repo.TIMED):
+                    count, seconds, *cumulative = values[i * per_timing:(i + 1) * per_timing]
+                    if count:
+                        buckets = [(repr(le), n) for le, n in zip(job_repo.HISTOGRAM_BUCKETS, cumulative, strict=True)]
+                        histograms[name].add_metric([kind, model], buckets + [("+Inf", count)], seconds)
+            queues = {queue: {"queued": (0, 0.0), "running": (0, 0.0)} for queue in catalog().queues}
+            for queue, state, count, age in backlog:
+                queues.setdefault(queue, {"queued": (0, 0.0), "running": (0, 0.0)})[state] = (count, age)
+            for queue, states in queues.items():
+                for state, (count, _) in states.items():
+                    waiting.add_metric([queue, state], count)
+                oldest.add_metric([queue], states["queued"][1])
             for (status,), (count,) in delivery_totals.items():
                 deliveries.add_metric([status], count)
         except Exception as exc:  # a scrape must answer even when the database is down
@@ -149,7 +181,7 @@ class PlatformCollector:
                 depth.add_metric([queue], count)
         except Exception as exc:
             log.warning("metrics: broker unavailable (%s)", exc.__class__.__name__)
-        yield from (jobs, inference, depth, deliveries)
+        yield from (jobs, inference, *histograms.values(), waiting, oldest, depth, deliveries)
 
 
 def make_registry(infra: Infra) -> tuple[CollectorRegistry, Histogram, PlatformCollector]:

@@ -32,6 +32,7 @@ from percept.db import webhooks as webhook_repo
 from percept.db.session import session_scope
 from percept.errors import InvalidInput
 from percept.infra import Infra
+from percept.logs import job_context
 from services.gateway.usecases.jobs import job_out
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,11 @@ class WebhookSender:
         return list(zip(due, bodies, strict=True))
 
     async def _send(self, client: httpx.AsyncClient, delivery: webhook_repo.DueDelivery, body: bytes) -> None:
+        job = delivery.job
+        with job_context(job_ids=[job.id], tenant_ids=[job.tenant_id], kinds=[job.kind]):
+            await self._send_for_job(client, delivery, body)
+
+    async def _send_for_job(self, client: httpx.AsyncClient, delivery: webhook_repo.DueDelivery, body: bytes) -> None:
         headers = {"Content-Type": "application/json", "User-Agent": "Percept-Webhooks/1",
                    "Percept-Event": delivery.event, "Percept-Delivery": str(delivery.id),
                    SIGNATURE_HEADER: signature(delivery.secret, int(time.time()), body)}
@@ -251,6 +257,11 @@ class WebhookSender:
         settings = self.infra.settings
         if not delivered and delivery.attempt < settings.webhook_max_attempts:
             retry_at = datetime.now(UTC) + settings.webhook_retry_base * 2 ** (delivery.attempt - 1)
+        if delivered:
+            log.info("webhook delivery %d (%s) delivered: HTTP %s", delivery.id, delivery.event, status_code)
+        else:
+            log.warning("webhook delivery %d (%s) attempt %d failed: %s; %s", delivery.id, delivery.event,
+                        delivery.attempt, error, f"retried at {retry_at:%H:%M:%S}" if retry_at else "given up")
         await run_in_threadpool(self._record, delivery.id, delivered, status_code, error, retry_at)
 
     def _record(self, delivery_id: int, delivered: bool, status_code: int | None, error: str | None,

@@ -39,7 +39,7 @@ def blocking(tmp_path_factory):
 
 def submit(plat: OwnPlatform, tenant_id: str, block_seconds: float) -> str:
     """A job of the blocking kind (no route in the gateway: recorded and sent as the gateway would)."""
-    (kind,) = load_services((BLOCKING,))[-1].job_kinds
+    kind = load_services((BLOCKING,))[-1].job_kinds[0]  # `block`
     job_id = new_id("job")
     params = {"model": "tiny-blocker:1", "block_seconds": block_seconds}
     with session_scope(plat.database_url) as session:

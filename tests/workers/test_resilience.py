@@ -160,7 +160,7 @@ def test_duplicate_message_never_reruns_a_finished_job(isolated, client):
     photo = image_bytes(data.coffee())
     first = client.post("/v1/classify", files={"image": ("c.jpg", photo)}, headers={"Prefer": "wait=60"}).json()
     assert first["status"] == "succeeded"
-    send_job(isolated.broker_url, "classify", first["id"])  # a redelivered message
+    send_job(isolated.broker_url, "classify", first["id"], "normal")  # a redelivered message
     second = client.post("/v1/classify", files={"image": ("c.jpg", photo)}, headers={"Prefer": "wait=60"}).json()
     assert second["status"] == "succeeded"  # the queue has moved past the duplicate
     again = client.get(f"/v1/jobs/{first['id']}").json()

@@ -6,13 +6,20 @@ from starlette.concurrency import run_in_threadpool
 from percept.schemas import ClassifyParams, JobOut
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.intake import read_job_request
-from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted, image_job_body
+from services.gateway.routers.jobs import (
+    CANCEL_AFTER,
+    JOB_RESPONSES,
+    IdempotencyHeader,
+    PreferHeader,
+    accepted,
+    image_job_body,
+)
 from services.gateway.usecases.jobs import JobRequest, submit_job
 
 router = APIRouter(prefix="/v1", tags=["classify"])
 
 
-@router.post("/classify", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
+@router.post("/classify", status_code=202, response_model=JobOut, responses=JOB_RESPONSES, dependencies=CANCEL_AFTER,
              openapi_extra=image_job_body("image", params=ClassifyParams, json_too=True))
 async def classify(request: Request, response: Response, session: SessionDep, infra: InfraDep, events: EventsDep,
                    tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,

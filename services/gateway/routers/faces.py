@@ -29,6 +29,7 @@ from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.events import JobEvents
 from services.gateway.intake import read_job_request
 from services.gateway.routers.jobs import (
+    CANCEL_AFTER,
     ERRORS,
     JOB_RESPONSES,
     IdempotencyHeader,
@@ -59,6 +60,7 @@ async def _submit(request: Request, response: Response, session: Session, infra:
 
 
 @router.post("/faces/detect", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
+             dependencies=CANCEL_AFTER,
              openapi_extra=image_job_body("image", params=FaceDetectParams))
 async def detect_faces(request: Request, response: Response, session: SessionDep, infra: InfraDep,
                        events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
@@ -69,6 +71,7 @@ async def detect_faces(request: Request, response: Response, session: SessionDep
 
 
 @router.post("/faces/verify", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
+             dependencies=CANCEL_AFTER,
              openapi_extra=image_job_body("image_a", "image_b", params=FaceVerifyParams))
 async def verify_faces(request: Request, response: Response, session: SessionDep, infra: InfraDep,
                        events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
@@ -79,6 +82,7 @@ async def verify_faces(request: Request, response: Response, session: SessionDep
 
 
 @router.post("/faces/identify", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
+             dependencies=CANCEL_AFTER,
              openapi_extra=image_job_body("image", params=FaceIdentifyParams))
 async def identify_faces(request: Request, response: Response, session: SessionDep, infra: InfraDep,
                          events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
@@ -89,7 +93,7 @@ async def identify_faces(request: Request, response: Response, session: SessionD
                          resolve=partial(faces.identify_params, session, tenant_id))
 
 
-@router.post("/memes", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
+@router.post("/memes", status_code=202, response_model=JobOut, responses=JOB_RESPONSES, dependencies=CANCEL_AFTER,
              openapi_extra=image_job_body("image", params=MemeParams))
 async def make_meme(request: Request, response: Response, session: SessionDep, infra: InfraDep, events: EventsDep,
                     tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
@@ -100,7 +104,8 @@ async def make_meme(request: Request, response: Response, session: SessionDep, i
 
 
 @router.post("/collections/{collection}/subjects/{subject}/faces", status_code=202, response_model=JobOut,
-             responses=JOB_RESPONSES, openapi_extra=image_job_body("image", params=EnrollParams))
+             responses=JOB_RESPONSES,
+             dependencies=CANCEL_AFTER, openapi_extra=image_job_body("image", params=EnrollParams))
 async def enroll_face(collection: str, subject: str, request: Request, response: Response, session: SessionDep,
                       infra: InfraDep, events: EventsDep, tenant_id: TenantDep,
                       idempotency_key: IdempotencyHeader = None, prefer: PreferHeader = None) -> JobOut:

@@ -5,13 +5,13 @@ from starlette.concurrency import run_in_threadpool
 
 from percept.schemas import GenerateParams, GridParams, JobOut
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
-from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
+from services.gateway.routers.jobs import CANCEL_AFTER, JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
 from services.gateway.usecases import generation
 
 router = APIRouter(prefix="/v1/generate", tags=["generate"])
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=JOB_RESPONSES)
+@router.post("", status_code=202, response_model=JobOut, responses=JOB_RESPONSES, dependencies=CANCEL_AFTER)
 async def generate(body: GenerateParams, response: Response, session: SessionDep, infra: InfraDep,
                    events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                    prefer: PreferHeader = None) -> JobOut:
@@ -22,7 +22,7 @@ async def generate(body: GenerateParams, response: Response, session: SessionDep
     return await accepted(response, session, infra, events, tenant_id, submitted, prefer)
 
 
-@router.post("/grid", status_code=202, response_model=JobOut, responses=JOB_RESPONSES)
+@router.post("/grid", status_code=202, response_model=JobOut, responses=JOB_RESPONSES, dependencies=CANCEL_AFTER)
 async def generate_grid(body: GridParams, response: Response, session: SessionDep, infra: InfraDep,
                         events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                         prefer: PreferHeader = None) -> JobOut:

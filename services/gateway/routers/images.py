@@ -10,7 +10,7 @@ from percept.db.generations import ImageFilter
 from percept.schemas import ErrorOut, ImageKind, ImageOut, ImagePage, JobOut, Responses
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.intake import file_part, read_image
-from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
+from services.gateway.routers.jobs import CANCEL_AFTER, JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
 from services.gateway.usecases import generation, images
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
@@ -51,7 +51,8 @@ def get_image(image_id: str, session: SessionDep, tenant_id: TenantDep) -> Image
     return generation.image_details(session, tenant_id, image_id)
 
 
-@router.post("/{image_id}/reproduce", status_code=202, response_model=JobOut, responses=JOB_RESPONSES)
+@router.post("/{image_id}/reproduce", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
+             dependencies=CANCEL_AFTER)
 async def reproduce_image(image_id: str, response: Response, session: SessionDep, infra: InfraDep,
                           events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                           prefer: PreferHeader = None) -> JobOut:

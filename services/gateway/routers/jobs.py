@@ -3,7 +3,7 @@
 import json
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 from sse_starlette.sse import EventSourceResponse
@@ -37,6 +37,17 @@ PreferHeader = Annotated[str | None, Header(description="`wait=N`: hold the answ
 IdempotencyHeader = Annotated[str | None, Header(max_length=200,
                                                  description="Same key + same body: the same job (a key stays "
                                                              "bound to its first job)")]
+
+
+def cancel_after_header(session: SessionDep, cancel_after: Annotated[str | None, Header(
+        alias="Cancel-After", max_length=40, description="Seconds (> 0, at most 7 days): a job still queued or "
+        "running this long after it was submitted is canceled, with the error code `deadline_exceeded`")] = None,
+                        ) -> None:
+    jobs.set_cancel_after(session, cancel_after)
+
+
+# Every job-creating POST takes `Cancel-After` (its route's `dependencies`).
+CANCEL_AFTER = [Depends(cancel_after_header)]
 
 
 def image_job_body(*fields: str, params: type[BaseModel], json_too: bool = False) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 from percept.schemas import EnsembleIn, ErrorOut, JobOut, ModelImportParams, ModelOut, Responses
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.intake import file_part, parse_params
-from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
+from services.gateway.routers.jobs import CANCEL_AFTER, JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
 from services.gateway.usecases import models
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -19,7 +19,7 @@ def list_models(session: SessionDep, tenant_id: TenantDep) -> list[ModelOut]:
     return models.list_models(session, tenant_id)
 
 
-@router.post("/ensembles", status_code=202, response_model=JobOut, responses=JOB_RESPONSES)
+@router.post("/ensembles", status_code=202, response_model=JobOut, responses=JOB_RESPONSES, dependencies=CANCEL_AFTER)
 async def create_ensemble(body: EnsembleIn, response: Response, session: SessionDep, infra: InfraDep,
                           events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                           prefer: PreferHeader = None) -> JobOut:
@@ -34,7 +34,7 @@ IMPORT_RESPONSES: Responses = {**JOB_RESPONSES, 409: {"model": ErrorOut}, 413: {
                                415: {"model": ErrorOut}}
 
 
-@router.post("/import", status_code=202, response_model=JobOut, responses=IMPORT_RESPONSES)
+@router.post("/import", status_code=202, response_model=JobOut, responses=IMPORT_RESPONSES, dependencies=CANCEL_AFTER)
 async def import_model(request: Request, response: Response, session: SessionDep, infra: InfraDep,
                        events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                        prefer: PreferHeader = None) -> JobOut:

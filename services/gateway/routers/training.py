@@ -15,7 +15,7 @@ from percept.schemas import (
 )
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.intake import file_part, parse_params
-from services.gateway.routers.jobs import JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
+from services.gateway.routers.jobs import CANCEL_AFTER, JOB_RESPONSES, IdempotencyHeader, PreferHeader, accepted
 from services.gateway.usecases import captions, datasets, models
 
 router = APIRouter(prefix="/v1", tags=["training"])
@@ -54,6 +54,7 @@ def get_dataset(dataset_id: str, session: SessionDep, tenant_id: TenantDep) -> D
 
 
 @router.post("/train/classifier", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
+             dependencies=CANCEL_AFTER,
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": TrainClassifierParams.model_json_schema()}}}})
 async def train_classifier(request: Request, response: Response, session: SessionDep, infra: InfraDep,
@@ -71,6 +72,7 @@ async def train_classifier(request: Request, response: Response, session: Sessio
 
 
 @router.post("/train/captioner", status_code=202, response_model=JobOut, responses=JOB_RESPONSES,
+             dependencies=CANCEL_AFTER,
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": TrainCaptionerParams.model_json_schema()}}}})
 async def train_captioner(request: Request, response: Response, session: SessionDep, infra: InfraDep,

@@ -4,6 +4,7 @@ import asyncio
 import hashlib
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -22,6 +23,9 @@ from percept.schemas import JobOut, JobPage
 from percept.services import catalog
 from services.gateway.events import JobEvents, wait_for_change
 from services.gateway.transaction import after_commit, commit
+
+CANCEL_AFTER = "percept.cancel_after"  # session.info key: the request's `Cancel-After` seconds
+MAX_CANCEL_AFTER_SECONDS = 7 * 24 * 3600
 
 
 @dataclass
@@ -64,23 +68,42 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
         raise QuotaExceeded(
             f"You have {pending} jobs queued or running, the most allowed; wait for some to finish.",
             details={"pending": pending, "limit": infra.settings.max_pending_jobs_per_tenant})
+    cancel_after = session.info.get(CANCEL_AFTER)
     job = job_repo.queued_job(tenant_id, request.kind, kind.queue, params, request.inputs,
-                              idempotency_key=request.idempotency_key, request_hash=fingerprint)
+                              idempotency_key=request.idempotency_key, request_hash=fingerprint,
+                              priority=job_repo.tenant_priority(session, tenant_id),
+                              deadline_at=datetime.now(UTC) + timedelta(seconds=cancel_after) if cancel_after else None)
     if not job_repo.add_job(session, job):  # the key's job appeared after the lookup (another transaction)
         existing = job_repo.find_by_idempotency_key(session, tenant_id, request.idempotency_key or "")
         if existing is None:
             raise Conflict("This Idempotency-Key is in use by a request still being recorded; retry shortly.",
                            code="idempotency_key_in_use")
         return _replay(existing, fingerprint), False
-    after_commit(session, partial(_send, session, infra.broker_url, job.kind, job.id))
+    after_commit(session, partial(_send, session, infra.broker_url, job.kind, job.id, job.priority))
     return job, True
 
 
-def _send(session: Session, broker_url: str, kind: str, job_id: str) -> None:
+def set_cancel_after(session: Session, header: str | None) -> None:
+    """`Cancel-After: N` on a job-creating request: the job it creates is canceled (`deadline_exceeded`) if it
+    is still queued or running N seconds after it was submitted. Kept with the request's session, which
+    `submit_job` reads; an idempotent replay keeps its job's own deadline."""
+    if header is None:
+        return
+    try:
+        seconds = float(header)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= MAX_CANCEL_AFTER_SECONDS:
+        raise InvalidInput(f"`Cancel-After` takes a number of seconds above 0 and at most {MAX_CANCEL_AFTER_SECONDS}"
+                           f" (7 days), e.g. `Cancel-After: 30`; got {header[:40]!r}.", code="invalid_cancel_after")
+    session.info[CANCEL_AFTER] = seconds
+
+
+def _send(session: Session, broker_url: str, kind: str, job_id: str, priority: str) -> None:
     """Send the committed job's task. If the broker refuses it, the job is ended (so a late delivery does
     not run what the client is told failed) and the 503 goes to the client."""
     try:
-        send_job(broker_url, kind, job_id)
+        send_job(broker_url, kind, job_id, priority)
     except DependencyUnavailable:
         job_repo.fail_unsent(session, job_id, "The job queue was unreachable; nothing was run.")
         commit(session)
@@ -156,7 +179,8 @@ def cancel_job(session: Session, infra: Infra, tenant_id: str, job_id: str) -> J
     after_commit(session, partial(publish_job_event, infra.broker_url, job_id, out.status))
     for parent, status in woken:
         if status is JobStatus.QUEUED:  # its last child was this one: the parent gathers the others now
-            after_commit(session, partial(_send, session, infra.broker_url, parent.kind, parent.id))
+            after_commit(session, partial(_send, session, infra.broker_url, parent.kind, parent.id,
+                                          parent.priority))
         elif parent.id != job_id:
             after_commit(session, partial(publish_job_event, infra.broker_url, parent.id, status.value))
     return out
