@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
@@ -133,6 +133,14 @@ class JsonLineFormatter(JsonFormatter):
         return {"timestamp": log_data.pop("timestamp"), **log_data}  # first, where a reader looks
 
 
+def log_handler(stream: IO[str], log_format: str = "json") -> logging.Handler:
+    """A handler writing to `stream` in `log_format` (`json` or `text`), with the job context filter."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLineFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
+    handler.addFilter(JobContextFilter())
+    return handler
+
+
 def configure_logging(settings: Settings, *filters: logging.Filter) -> logging.Handler:
     """The root logger's one handler (stderr), in PERCEPT_LOG_FORMAT at PERCEPT_LOG_LEVEL, with the job context
     filter and `filters`; Python warnings go through it too. Called again, it replaces its own handler and leaves
@@ -140,10 +148,8 @@ def configure_logging(settings: Settings, *filters: logging.Filter) -> logging.H
     root = logging.getLogger()
     for handler in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = log_handler(sys.stderr, settings.log_format)
     handler.set_name(HANDLER_NAME)
-    handler.setFormatter(JsonLineFormatter() if settings.log_format == "json" else TextFormatter(TEXT_FORMAT))
-    handler.addFilter(JobContextFilter())
     for extra in filters:
         handler.addFilter(extra)
     root.addHandler(handler)

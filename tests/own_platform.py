@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from percept.db.models import Job
+from percept.db.session import session_scope
 from tests.conftest import Platform, make_infra
 
 
@@ -17,6 +19,13 @@ class OwnPlatform(Platform):
 
     def env(self, **extra: str) -> dict[str, str]:
         return super().env(**{**self.extra_env, **extra})
+
+    def job_row(self, job_id: str) -> Job:
+        """The job's row as committed now (for jobs of kinds no gateway route submits)."""
+        with session_scope(self.database_url) as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            return job
 
 
 @contextmanager

@@ -14,11 +14,10 @@ from percept.config import Settings
 from percept.logs import (
     HANDLER_NAME,
     TEXT_FORMAT,
-    JobContextFilter,
-    JsonLineFormatter,
     TextFormatter,
     configure_logging,
     job_context,
+    log_handler,
 )
 
 # Production refuses to start without configured infrastructure and real secrets.
@@ -31,9 +30,7 @@ REAL = {"database_url": "postgresql+psycopg://percept:q8Rt2vLx9Wm4Zp7s@db.intern
 def lines() -> Iterator[tuple[logging.Logger, io.StringIO, logging.Handler]]:
     """A logger whose records go, through the job filter, to a stream (JSON until a test sets another format)."""
     stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonLineFormatter())
-    handler.addFilter(JobContextFilter())
+    handler = log_handler(stream)
     logger = logging.getLogger("tests.logs")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -8,16 +8,14 @@ import types
 
 from percept.config import Settings
 from percept.db.webhooks import DueDelivery
-from percept.logs import JobContextFilter, JsonLineFormatter
+from percept.logs import log_handler
 from services.gateway.webhooks import WebhookSender, delivery_client
 from tests.conftest import free_port
 
 
 def test_a_failed_delivery_is_logged_with_its_job():
     stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonLineFormatter())
-    handler.addFilter(JobContextFilter())
+    handler = log_handler(stream)
     logger = logging.getLogger("services.gateway.webhooks")
     logger.addHandler(handler)
     try:

@@ -51,13 +51,6 @@ def submit(plat: OwnPlatform, tenant_id: str, block_seconds: float) -> str:
     return job_id
 
 
-def job_row(plat: OwnPlatform, job_id: str) -> Job:
-    with session_scope(plat.database_url) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job
-
-
 def test_a_batch_that_blocks_past_the_deadline_is_retried_then_failed(blocking):
     key = blocking.new_key()
     with session_scope(blocking.database_url) as session:
@@ -66,9 +59,9 @@ def test_a_batch_that_blocks_past_the_deadline_is_retried_then_failed(blocking):
     # Each attempt blocks the worker's only thread for 3 deadlines: its heartbeat would beat all along.
     job_id = submit(blocking, tenant_id, block_seconds=3 * DEADLINE)
 
-    wait_until(lambda: job_row(blocking, job_id).attempts >= 2, timeout=60, interval=0.1,
+    wait_until(lambda: blocking.job_row(job_id).attempts >= 2, timeout=60, interval=0.1,
                what="the job to be taken back from its first attempt and tried again")
-    ended = wait_until(lambda: (job := job_row(blocking, job_id)).status.is_terminal() and job, timeout=90,
+    ended = wait_until(lambda: (job := blocking.job_row(job_id)).status.is_terminal() and job, timeout=90,
                        interval=0.2, what="the job to end")
     assert ended.status is JobStatus.FAILED, (ended.status, ended.error)
     assert ended.error["code"] == "inference_timeout" and f"{DEADLINE} s" in ended.error["message"]
@@ -77,7 +70,7 @@ def test_a_batch_that_blocks_past_the_deadline_is_retried_then_failed(blocking):
 
     # The worker serves on: a job that does not block succeeds there.
     quick = submit(blocking, tenant_id, block_seconds=0)
-    done = wait_until(lambda: (job := job_row(blocking, quick)).status.is_terminal() and job, timeout=60,
+    done = wait_until(lambda: (job := blocking.job_row(quick)).status.is_terminal() and job, timeout=60,
                       interval=0.2, what="the quick job to end")
     assert done.status is JobStatus.SUCCEEDED and done.output == {"blocked_seconds": 0.0}
     assert done.attempts == 1

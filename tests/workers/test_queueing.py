@@ -70,20 +70,13 @@ def submit_tick(plat: OwnPlatform, tenant_id: str, seconds: float, deadline_at: 
     return job_id
 
 
-def row(plat: OwnPlatform, job_id: str) -> Job:
-    with session_scope(plat.database_url) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job
-
-
 def ended(plat: OwnPlatform, job_id: str, timeout: float = 60) -> Job:
-    return wait_until(lambda: (job := row(plat, job_id)).status.is_terminal() and job, timeout=timeout,
+    return wait_until(lambda: (job := plat.job_row(job_id)).status.is_terminal() and job, timeout=timeout,
                       interval=0.1, what=f"job {job_id} to end")
 
 
 def running(plat: OwnPlatform, job_id: str, timeout: float = 60) -> Job:
-    return wait_until(lambda: (job := row(plat, job_id)).status is JobStatus.RUNNING and job.worker and job,
+    return wait_until(lambda: (job := plat.job_row(job_id)).status is JobStatus.RUNNING and job.worker and job,
                       timeout=timeout, interval=0.05, what=f"job {job_id} to run")
 
 
@@ -137,13 +130,13 @@ def test_sigterm_lets_the_running_job_finish_takes_no_other_and_exits_0(plat):
     running(plat, long_job)
     behind = submit_tick(plat, tenant_id, 0.2)
     time.sleep(0.5)  # the second is in the broker, behind the first, while the worker holds the first
-    assert row(plat, behind).status is JobStatus.QUEUED
+    assert plat.job_row(behind).status is JobStatus.QUEUED
 
     assert stop(worker) == 0
-    done = row(plat, long_job)
+    done = plat.job_row(long_job)
     assert done.status is JobStatus.SUCCEEDED and done.output == {"ticks": 40}, (done.status, done.error)
     assert done.attempts == 1
-    left = row(plat, behind)
+    left = plat.job_row(behind)
     assert left.status is JobStatus.QUEUED and left.attempts == 0 and left.worker is None
 
     # Nothing lost: the next worker runs it
@@ -162,7 +155,7 @@ def test_a_job_that_would_outlast_the_grace_period_is_handed_back_queued(plat):
     signalled = time.monotonic()
     assert stop(worker, timeout=5) == 0  # within the grace period: never SIGKILLed
     assert time.monotonic() - signalled < 5
-    back = row(plat, job_id)
+    back = plat.job_row(job_id)
     # Queued again at once, not `running` until its lease runs out; and sent again
     assert back.status is JobStatus.QUEUED and back.worker is None and back.error is None, back.status
     assert back.attempts == 1
