@@ -225,42 +225,44 @@ class JobRuntime:
                 job.error = exc.to_dict()
 
     def run(self, job_ids: list[str]) -> None:
-        with job_context(job_ids=job_ids, whole_process=True) as log_context:
+        with job_context(job_ids=job_ids, whole_process=True) as log_context:  # every line it causes names the jobs
             jobs = self._claim(job_ids)
             log_context.update(job_ids=[job.id for job in jobs], tenant_ids=[job.tenant_id for job in jobs],
                                kinds=[job.kind for job in jobs])
-            if not jobs:
-                return
-            with Heartbeat(self, jobs) as heartbeat:
-                try:
-                    for job in jobs:
-                        if is_training(job.kind):
-                            self._train(job)
-                        elif is_fan_out(job.kind):
-                            self._fan_out(job)
-                    for group in self._group_by_model([job for job in jobs if is_inference(job.kind)]):
-                        if heartbeat.gave_up:
-                            break
-                        if drain.handback_due(self.infra.settings):
-                            raise JobHandedBack()
-                        loaded = self._load_model(group[0].model_row)
-                        self._load_inputs(group, getattr(loaded.predictor, "input_size", None))
-                        self._predict([job for job in group if job.error is None], loaded, heartbeat)
-                except DependencyUnavailable as exc:
-                    self._retry_later(jobs, exc.message)
-                    return
-                except JobHandedBack:
-                    self._retry_later([job for job in jobs if not job.waiting],
-                                      "the worker is shutting down and its grace period ends before they would",
-                                      backoff=False)
-                    return
-            if heartbeat.gave_up:
-                log.warning("dropped the results of %d jobs given up at the inference deadline", len(jobs))
-                return
+            if jobs:
+                self._run_claimed(jobs)
+
+    def _run_claimed(self, jobs: list[ClaimedJob]) -> None:
+        with Heartbeat(self, jobs) as heartbeat:
             try:
-                self._write_results(jobs)
-            except DependencyUnavailable as exc:  # nothing was written: the transaction was rolled back whole
+                for job in jobs:
+                    if is_training(job.kind):
+                        self._train(job)
+                    elif is_fan_out(job.kind):
+                        self._fan_out(job)
+                for group in self._group_by_model([job for job in jobs if is_inference(job.kind)]):
+                    if heartbeat.gave_up:
+                        break
+                    if drain.handback_due(self.infra.settings):
+                        raise JobHandedBack()
+                    loaded = self._load_model(group[0].model_row)
+                    self._load_inputs(group, getattr(loaded.predictor, "input_size", None))
+                    self._predict([job for job in group if job.error is None], loaded, heartbeat)
+            except DependencyUnavailable as exc:
                 self._retry_later(jobs, exc.message)
+                return
+            except JobHandedBack:
+                self._retry_later([job for job in jobs if not job.waiting],
+                                  "the worker is shutting down and its grace period ends before they would",
+                                  backoff=False)
+                return
+        if heartbeat.gave_up:
+            log.warning("dropped the results of %d jobs given up at the inference deadline", len(jobs))
+            return
+        try:
+            self._write_results(jobs)
+        except DependencyUnavailable as exc:  # nothing was written: the transaction was rolled back whole
+            self._retry_later(jobs, exc.message)
 
     @staticmethod
     def _group_by_model(jobs: list[ClaimedJob]) -> list[list[ClaimedJob]]:
