@@ -84,8 +84,9 @@ def running_platform(workers: str = "", **env_vars: str) -> Iterator[tuple[str, 
     twice; default every pool once) and settings `env_vars`; yields (base URL, API key, gateway process)."""
     data_dir = Path(tempfile.mkdtemp(prefix="percept-bench-"))
     port = free_port()
+    # The benches send one image many times to time the model's runs: result reuse would answer all but the first.
     env = {**os.environ, "PERCEPT_DATA_DIR": str(data_dir), "PORT": str(port), "PERCEPT_LOG_LEVEL": "WARNING",
-           **env_vars}
+           "PERCEPT_RESULT_REUSE": "false", **env_vars}
     command = [sys.executable, "-m", "percept.cli", "run", *(["--workers", workers] if workers else [])]
     runner = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

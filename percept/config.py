@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Prefer: wait=N is capped here (API.md: N <= 60 s).
     max_wait: timedelta = timedelta(seconds=60)
+    # A deterministic job equal to the tenant's earlier succeeded one is answered from its result (result reuse);
+    # off: every job runs its model (a request can also ask with `Prefer: no-reuse` or `reuse: false`).
+    result_reuse: bool = True
 
     # A job still `queued` after this long is sent again (a crash between commit and send).
     requeue_after: timedelta = timedelta(seconds=30)

@@ -116,7 +116,15 @@ class ModelOut(BaseModel):
     versions: list[ModelVersionOut]
 
 
-class ClassifyParams(BaseModel):
+class Reusable(BaseModel):
+    """A deterministic job's parameters: an equal earlier job's result may answer it (result reuse)."""
+
+    reuse: bool = Field(True, description="false: run the model even if the result of an equal earlier job (same "
+                                          "inputs, parameters, model version and seed) could answer at once; as "
+                                          "`Prefer: no-reuse`")
+
+
+class ClassifyParams(Reusable):
     """Parameters of `POST /v1/classify` (multipart form fields or a JSON body)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -167,7 +175,7 @@ class TrainClassifierParams(BaseModel):
     fine_tune: bool = Field(False, description="Also fine-tune the backbone's last block (slower)")
 
 
-class CaptionParams(BaseModel):
+class CaptionParams(Reusable):
     """Parameters of `POST /v1/caption` (multipart form fields or a JSON body). Limits that depend on the
     model (`max_length` over its own) are the worker's to check."""
 
@@ -262,7 +270,7 @@ class FaceParams(BaseModel):
     detector: Literal["hog", "cnn"] = Field("hog", description="`hog`: fast; `cnn`: accurate, about 8 s on a CPU")
 
 
-class FaceDetectParams(FaceParams):
+class FaceDetectParams(FaceParams, Reusable):
     expressions: bool = Field(False, description="Also read each face's expression (7 FER2013 classes)")
     landmarks: int = Field(5, description="5- or 68-point landmarks")
 
@@ -274,7 +282,7 @@ class FaceDetectParams(FaceParams):
         return value
 
 
-class FaceVerifyParams(FaceParams):
+class FaceVerifyParams(FaceParams, Reusable):
     threshold: float = Field(0.6, gt=0.0, le=2.0, description="Distance under which both faces are one person")
 
 
@@ -421,7 +429,7 @@ class GenerationSettings(BaseModel):
     scheduler: SchedulerName | None = Field(None, description="Sampler; default: the one the pipeline was saved with")
 
 
-class GenerateParams(GenerationSettings):
+class GenerateParams(GenerationSettings, Reusable):
     """Parameters of `POST /v1/generate` (a JSON body)."""
 
     prompt: str = Field(min_length=1, max_length=2000)

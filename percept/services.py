@@ -53,6 +53,9 @@ class JobKind:
     model_kind: str | None = None
     # Many jobs of this kind share one predict() call (micro-batching).
     batched: bool = False
+    # Equal inputs, parameters, model version and seed give an equal result: a repeated request is answered
+    # from the tenant's earlier succeeded job (result reuse). A job whose seed the platform chose is never equal.
+    deterministic: bool = False
 
     @property
     def has_children(self) -> bool:

@@ -37,6 +37,8 @@ TEST_ENV = {
     "PERCEPT_WEBHOOK_MAX_ATTEMPTS": "4",
     "PERCEPT_WEBHOOK_ALLOW": "127.0.0.0/8",
     "PERCEPT_LOG_LEVEL": "WARNING",
+    # Most tests send one request many times to watch the model run each time; the reuse tests turn it on.
+    "PERCEPT_RESULT_REUSE": "false",
 }
 
 

@@ -4,7 +4,7 @@ Every transition is one conditional UPDATE, so two workers (a redelivered or dup
 can never both run a job, and a worker whose lease was taken back cannot write a result.
 """
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Float, cast, func, or_, select, update
@@ -41,14 +41,32 @@ def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job |
 
 def queued_job(tenant_id: str, kind: str, queue: str, params: dict[str, Any], inputs: list[dict[str, Any]], *,
                idempotency_key: str | None = None, request_hash: str | None = None, priority: str = "normal",
-               deadline_at: datetime | None = None) -> Job:
+               deadline_at: datetime | None = None, reuse_key: str | None = None) -> Job:
     """A new job row as every submission makes it (the gateway's, and `percept models import`'s), not yet added."""
     return Job(id=new_id("job"), tenant_id=tenant_id, kind=kind, queue=queue, status=JobStatus.QUEUED,
                model_name=params.get("model", params.get("name")), params=params, inputs=inputs,
                progress={"done": 0, "total": 1}, attempts=0, cancel_requested=False,
                provenance={"inputs": inputs, "seed": params.get("seed")},
                idempotency_key=idempotency_key, request_hash=request_hash, priority=priority,
-               deadline_at=deadline_at)
+               deadline_at=deadline_at, reuse_key=reuse_key)
+
+
+def find_reusable(session: Session, tenant_id: str, reuse_key: str) -> Job | None:
+    """The tenant's newest succeeded job of this reuse key (see Job.reuse_key)."""
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.reuse_key == reuse_key,
+                                            Job.status == JobStatus.SUCCEEDED).order_by(Job.id.desc()).limit(1))
+
+
+def reused_job(job: Job, original: Job) -> Job:
+    """`job` (a new queued row, not yet added) answered from `original`'s result: succeeded at once, with its
+    output and provenance, `provenance.reused_from` naming the job whose model run made it."""
+    job.status, job.output, job.search_text = JobStatus.SUCCEEDED, original.output, original.search_text
+    job.progress = {"done": 1, "total": 1}
+    job.started_at = job.finished_at = datetime.now(UTC)
+    provenance = dict(original.provenance or {})
+    job.provenance = {**provenance, "inputs": job.inputs,
+                      "reused_from": provenance.get("reused_from") or original.id}
+    return job
 
 
 def tenant_priority(session: Session, tenant_id: str) -> str:

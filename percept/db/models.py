@@ -134,6 +134,8 @@ class Job(Base):
               postgresql_where="deadline_at IS NOT NULL AND status IN ('queued', 'running')"),
         Index("ix_jobs_queue_pending", "queue", "status", "queued_at",
               postgresql_where="status IN ('queued', 'running')"),
+        Index("ix_jobs_reuse", "tenant_id", "reuse_key",
+              postgresql_where="reuse_key IS NOT NULL AND status = 'succeeded'"),
     )
 
     # ULID-based: lexical order is creation order, which cursor pagination relies on.
@@ -162,6 +164,9 @@ class Job(Base):
     priority: Mapped[str] = mapped_column(String(10), server_default=Priority.NORMAL.value)
     # `Cancel-After`: a job still queued or running at this time is canceled (`deadline_exceeded`).
     deadline_at: Mapped[datetime | None]
+    # A deterministic job's kind, resolved parameters (model version, seed) and input sha256s, digested: a later
+    # equal request of the tenant is answered from this job once it succeeded (provenance.reused_from).
+    reuse_key: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     # Last time the job was (re)sent to the queue; the sweeper re-sends stale queued jobs.
     queued_at: Mapped[datetime] = mapped_column(server_default=func.now())

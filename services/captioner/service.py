@@ -15,7 +15,7 @@ SERVICE = Service(
     job_kinds=(
         # Micro-batched like classification: the encoder runs once per batch, and every beam of every image
         # in it advances in one decoder call. No built-in model: the default is the tenant's newest captioner.
-        JobKind("caption", queue="captioner", task="percept.caption", batched=True,
+        JobKind("caption", queue="captioner", task="percept.caption", batched=True, deterministic=True,
                 search_text="services.captioner.service:caption_text"),
         # Its own queue: an hour of training must not hold up captioning.
         JobKind("train_captioner", queue="captioner-train", task="percept.train_captioner",

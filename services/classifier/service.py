@@ -16,7 +16,7 @@ SERVICE = Service(
     job_kinds=(
         # Micro-batched: every classify job waiting in a flush shares one forward pass.
         JobKind("classify", queue="classifier", task="percept.classify",
-                default_model="imagenet-efficientnet-lite0", batched=True,
+                default_model="imagenet-efficientnet-lite0", batched=True, deterministic=True,
                 search_text="services.classifier.service:top_label"),
         # Training has its own queue: a long job must not hold up classification.
         JobKind("train_classifier", queue="classifier-train", task="percept.train_classifier",

@@ -24,7 +24,8 @@ SERVICE = Service(
         # One job renders `num_images` images of one prompt, one seed each; the images and their provenance
         # are stored with the result. No built-in model (no weights ship): the default is the tenant's newest.
         JobKind("generate", queue="diffusion", task="percept.generate", model_kind=TEXT_TO_IMAGE,
-                finalizer=f"{FINALIZERS}:store_generated", search_text="services.diffusion.service:prompt_text"),
+                deterministic=True, finalizer=f"{FINALIZERS}:store_generated",
+                search_text="services.diffusion.service:prompt_text"),
         # A generated image rendered again from its provenance, and compared byte for byte.
         JobKind("reproduce_image", queue="diffusion", task="percept.reproduce_image", model_kind=TEXT_TO_IMAGE,
                 finalizer=f"{FINALIZERS}:store_reproduction"),

@@ -9,8 +9,10 @@ FINALIZERS = "services.facerec.finalizers"
 SERVICE = Service(
     name="facerec",
     job_kinds=(
-        JobKind("faces_detect", queue="facerec", task="percept.faces_detect", default_model="dlib-face-detector"),
-        JobKind("faces_verify", queue="facerec", task="percept.faces_verify", default_model="dlib-face-verifier"),
+        JobKind("faces_detect", queue="facerec", task="percept.faces_detect", default_model="dlib-face-detector",
+                deterministic=True),
+        JobKind("faces_verify", queue="facerec", task="percept.faces_verify", default_model="dlib-face-verifier",
+                deterministic=True),
         JobKind("faces_enroll", queue="facerec", task="percept.faces_enroll", default_model="dlib-face-enroller",
                 finalizer=f"{FINALIZERS}:enroll_face"),
         JobKind("faces_identify", queue="facerec", task="percept.faces_identify",

@@ -24,6 +24,7 @@ from percept.db.session import session_scope
 from percept.infra import Infra
 from percept.queue import queue_depths
 from percept.services import catalog
+from services.gateway.usecases.jobs import REUSED
 
 log = logging.getLogger(__name__)
 # A row is folded into the running totals once it is this old. A job or delivery commits within its
@@ -191,4 +192,5 @@ def make_registry(infra: Infra) -> tuple[CollectorRegistry, Histogram, PlatformC
                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
     collector = PlatformCollector(infra)
     registry.register(collector)
+    registry.register(REUSED)
     return registry, latency, collector

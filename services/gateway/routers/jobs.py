@@ -3,7 +3,7 @@
 import json
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 from sse_starlette.sse import EventSourceResponse
@@ -32,7 +32,9 @@ JOB_RESPONSES: Responses = {
           "description": "`Prefer: wait=N` and the job ended within it: the new job's final state"},
     202: {"headers": _LOCATION, "description": "The job, queued or running: follow `Location`"},
     **JOB_ERRORS}
-PreferHeader = Annotated[str | None, Header(description="`wait=N`: hold the answer up to N s (max 60) for the "
+PreferHeader = Annotated[str | None, Header(description="`no-reuse`: run the model even if an equal earlier job's "
+                                                        "result could answer; "
+                                                        "`wait=N`: hold the answer up to N s (max 60) for the "
                                                         "job to end")]
 IdempotencyHeader = Annotated[str | None, Header(max_length=200,
                                                  description="Same key + same body: the same job (a key stays "
@@ -46,8 +48,13 @@ def cancel_after_header(session: SessionDep, cancel_after: Annotated[str | None,
     jobs.set_cancel_after(session, cancel_after)
 
 
-# Every job-creating POST takes `Cancel-After` (its route's `dependencies`).
-CANCEL_AFTER = [Depends(cancel_after_header)]
+def prefer_no_reuse(request: Request, session: SessionDep) -> None:
+    # `Prefer` itself is declared by each route (PreferHeader); this reads its `no-reuse`.
+    jobs.set_reuse(session, request.headers.get("prefer"))
+
+
+# Every job-creating POST takes `Cancel-After` and `Prefer: no-reuse` (its route's `dependencies`).
+CANCEL_AFTER = [Depends(cancel_after_header), Depends(prefer_no_reuse)]
 
 
 def image_job_body(*fields: str, params: type[BaseModel], json_too: bool = False) -> dict[str, Any]:

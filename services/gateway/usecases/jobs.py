@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
+from prometheus_client import Counter
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -24,7 +25,11 @@ from percept.services import catalog
 from services.gateway.events import JobEvents, wait_for_change
 from services.gateway.transaction import after_commit, commit
 
+# Jobs answered from an earlier job's result, by kind (this gateway process's count; sum the replicas).
+REUSED = Counter("percept_jobs_reused_total", "Jobs answered from an earlier equal job's result, no model run",
+                 ["kind"], registry=None)
 CANCEL_AFTER = "percept.cancel_after"  # session.info key: the request's `Cancel-After` seconds
+NO_REUSE = "percept.no_reuse"  # session.info key: the request said `Prefer: no-reuse`
 MAX_CANCEL_AFTER_SECONDS = 7 * 24 * 3600
 
 
@@ -42,6 +47,12 @@ class JobRequest:
     # request a replay must match.
     chosen: dict[str, Any] = field(default_factory=dict)
 
+    def reuse_key(self, params: dict[str, Any]) -> str:
+        """What makes a deterministic job's result: its kind, resolved parameters (the model's version, the seed)
+        and input sha256s."""
+        body = {"kind": self.kind, "params": params, "inputs": [i["sha256"] for i in self.inputs]}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
     def fingerprint(self) -> str:
         body = {"kind": self.kind, "params": self.params, "inputs": [i["sha256"] for i in self.inputs]}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -49,13 +60,20 @@ class JobRequest:
 
 def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobRequest) -> tuple[Job, bool]:
     """Record the job; its task is sent once the request commits. Returns (job, created): an idempotent
-    replay is not created, and nothing is sent for it."""
+    replay is not created, and nothing is sent for it.
+
+    A deterministic kind's job equal to one the tenant ran before (same reuse key) is answered from that job's
+    result at once, with no model run, unless the request says `Prefer: no-reuse` or `reuse: false`."""
     kind = catalog().kind(request.kind)
+    reuse = (request.params.pop("reuse", True) is not False and not session.info.get(NO_REUSE)
+             and infra.settings.result_reuse)
     fingerprint = request.fingerprint()  # of the request as sent: a replay matches after a new model version
     params = {**request.params, **request.chosen}
     requested = request.model or kind.default_model
     if requested is not None:
         params["model"] = _resolve_model(session, tenant_id, kind.serves, requested)
+    # A seed the platform chose makes every request different: nothing to reuse, nor to be reused.
+    reuse_key = request.reuse_key(params) if kind.deterministic and not request.chosen else None
     # Held until the request commits: the quota check and the insert are one step for the tenant. Taken
     # before the replay lookup, so a request that waited here sees the job of one with its key.
     job_repo.lock_submissions(session, tenant_id)
@@ -63,7 +81,8 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
         existing = job_repo.find_by_idempotency_key(session, tenant_id, request.idempotency_key)
         if existing is not None:
             return _replay(existing, fingerprint), False
-    pending = job_repo.count_pending(session, tenant_id)
+    original = job_repo.find_reusable(session, tenant_id, reuse_key) if reuse and reuse_key else None
+    pending = 0 if original is not None else job_repo.count_pending(session, tenant_id)
     if pending >= infra.settings.max_pending_jobs_per_tenant:
         raise QuotaExceeded(
             f"You have {pending} jobs queued or running, the most allowed; wait for some to finish.",
@@ -72,13 +91,20 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
     job = job_repo.queued_job(tenant_id, request.kind, kind.queue, params, request.inputs,
                               idempotency_key=request.idempotency_key, request_hash=fingerprint,
                               priority=job_repo.tenant_priority(session, tenant_id),
-                              deadline_at=datetime.now(UTC) + timedelta(seconds=cancel_after) if cancel_after else None)
+                              deadline_at=datetime.now(UTC) + timedelta(seconds=cancel_after) if cancel_after else None,
+                              reuse_key=reuse_key)
+    if original is not None:
+        job_repo.reused_job(job, original)
     if not job_repo.add_job(session, job):  # the key's job appeared after the lookup (another transaction)
         existing = job_repo.find_by_idempotency_key(session, tenant_id, request.idempotency_key or "")
         if existing is None:
             raise Conflict("This Idempotency-Key is in use by a request still being recorded; retry shortly.",
                            code="idempotency_key_in_use")
         return _replay(existing, fingerprint), False
+    if original is not None:  # ended already: its waiters and webhooks are told, nothing is sent
+        REUSED.labels(job.kind).inc()
+        after_commit(session, partial(publish_job_event, infra.broker_url, job.id, job.status.value))
+        return job, True
     after_commit(session, partial(_send, session, infra.broker_url, job.kind, job.id, job.priority))
     return job, True
 
@@ -97,6 +123,13 @@ def set_cancel_after(session: Session, header: str | None) -> None:
         raise InvalidInput(f"`Cancel-After` takes a number of seconds above 0 and at most {MAX_CANCEL_AFTER_SECONDS}"
                            f" (7 days), e.g. `Cancel-After: 30`; got {header[:40]!r}.", code="invalid_cancel_after")
     session.info[CANCEL_AFTER] = seconds
+
+
+def set_reuse(session: Session, prefer: str | None) -> None:
+    """`Prefer: no-reuse` on a job-creating request: run the model even if an equal earlier job's result could
+    answer it (kept with the request's session, which `submit_job` reads)."""
+    if any(part.strip().lower() == "no-reuse" for part in (prefer or "").split(",")):
+        session.info[NO_REUSE] = True
 
 
 def _send(session: Session, broker_url: str, kind: str, job_id: str, priority: str) -> None:
