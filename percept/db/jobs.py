@@ -76,7 +76,12 @@ def tenant_priority(session: Session, tenant_id: str) -> str:
 
 def add_job(session: Session, job: Job) -> bool:
     """Insert the job; False when the tenant's Idempotency-Key is already taken, by a concurrent request
-    too (the insert waits for it to commit). Only the savepoint is undone then, not the caller's work."""
+    too (the insert waits for it to commit). Only the savepoint is undone then, not the caller's work.
+    Without a key nothing can collide: one INSERT, no savepoint round trips."""
+    if job.idempotency_key is None:
+        session.add(job)
+        session.flush()
+        return True
     try:
         with session.begin_nested():
             session.add(job)
@@ -87,11 +92,15 @@ def add_job(session: Session, job: Job) -> bool:
     return True
 
 
-def lock_submissions(session: Session, tenant_id: str) -> None:
+def lock_submissions(session: Session, tenant_id: str) -> str:
     """Serialise the tenant's job submissions until this transaction ends: a submit that counts the pending
     jobs and then inserts one must not race another (both would see room under the quota). Other tenants
-    are not held up."""
-    session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"jobs/{tenant_id}"))))
+    are not held up. Returns the priority the tenant's new jobs are queued at, read in the same round trip
+    (nothing the lock guards: the pending count must be read after it, in a statement of its own)."""
+    _, priority = session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"jobs/{tenant_id}")),
+                                         select(Tenant.priority).where(Tenant.id == tenant_id).scalar_subquery())
+                                  ).one()
+    return priority or Priority.NORMAL.value
 
 
 def count_pending(session: Session, tenant_id: str) -> int:

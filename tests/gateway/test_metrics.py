@@ -53,9 +53,6 @@ def write_history(database_url: str, rows: int) -> str:
     tenant, prefix = f"ten_{uuid.uuid4().hex[:12]}", f"job_00{uuid.uuid4().hex[:6]}"
     with session_scope(database_url) as session:
         session.execute(text("INSERT INTO tenants (id, name) VALUES (:t, :t)"), {"t": tenant})
-        session.execute(text("INSERT INTO webhooks (id, tenant_id, url, events, secret) VALUES "
-                             "(:t || '_hook', :t, 'https://hooks.example.com/', "
-                             "ARRAY['job.succeeded', 'job.failed', 'job.canceled'], 'whsec_x')"), {"t": tenant})
         session.execute(text("""
             INSERT INTO jobs (id, tenant_id, kind, queue, status, params, inputs, provenance, progress, attempts,
                               cancel_requested, created_at, queued_at)
@@ -71,6 +68,11 @@ def write_history(database_url: str, rows: int) -> str:
                                       WHEN g % 11 = 0 THEN 'failed' WHEN g % 13 = 0 THEN 'canceled'
                                       ELSE 'succeeded' END AS status) AS s"""),
                         {"prefix": prefix, "t": tenant, "rows": rows})
+        # The webhook after the jobs: its deliveries are written below, as old as their jobs (a job inserted
+        # ended, as a reused one is, would otherwise get one of today from the trigger).
+        session.execute(text("INSERT INTO webhooks (id, tenant_id, url, events, secret) VALUES "
+                             "(:t || '_hook', :t, 'https://hooks.example.com/', "
+                             "ARRAY['job.succeeded', 'job.failed', 'job.canceled'], 'whsec_x')"), {"t": tenant})
         session.execute(text("""
             INSERT INTO webhook_deliveries (webhook_id, job_id, event, status, attempts, created_at)
             SELECT :t || '_hook', id, 'job.' || status, CASE WHEN created_at > now() - interval '1 day' + :recent

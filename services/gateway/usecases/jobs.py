@@ -76,7 +76,7 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
     reuse_key = request.reuse_key(params) if kind.deterministic and not request.chosen else None
     # Held until the request commits: the quota check and the insert are one step for the tenant. Taken
     # before the replay lookup, so a request that waited here sees the job of one with its key.
-    job_repo.lock_submissions(session, tenant_id)
+    priority = job_repo.lock_submissions(session, tenant_id)
     if request.idempotency_key:
         existing = job_repo.find_by_idempotency_key(session, tenant_id, request.idempotency_key)
         if existing is not None:
@@ -90,7 +90,7 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
     cancel_after = session.info.get(CANCEL_AFTER)
     job = job_repo.queued_job(tenant_id, request.kind, kind.queue, params, request.inputs,
                               idempotency_key=request.idempotency_key, request_hash=fingerprint,
-                              priority=job_repo.tenant_priority(session, tenant_id),
+                              priority=priority,
                               deadline_at=datetime.now(UTC) + timedelta(seconds=cancel_after) if cancel_after else None,
                               reuse_key=reuse_key)
     if original is not None:
