@@ -262,7 +262,7 @@ def test_openapi_lists_the_caption_routes_with_their_request_bodies(api):
     for content in ("multipart/form-data", "application/json"):
         schema = caption["requestBody"]["content"][content]["schema"]
         assert schema["required"] == ["image"]
-        assert set(DEFAULTS) | {"image", "model"} == set(schema["properties"])
+        assert set(DEFAULTS) | {"image", "model", "reuse"} == set(schema["properties"])
     assert {"202", "404", "422"} <= set(caption["responses"])
     train = paths["/v1/train/captioner"]["post"]
     schema = train["requestBody"]["content"]["application/json"]["schema"]
