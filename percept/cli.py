@@ -7,7 +7,6 @@ the core imports no service.
 import hashlib
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -155,28 +154,24 @@ def _log_dir() -> Path:
     return get_settings().data_dir / "logs"
 
 
-def _last_line(path: Path) -> str:
-    """The last non-empty line of a log (what a process that died said last)."""
-    try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    return lines[-1][:300] if lines else ""
-
-
 @app.command()
 def run(workers: str = typer.Option("", help="Comma-separated worker pools to run (default: every declared one; "
                                              "a pool named twice runs twice)")) -> None:
-    """Run the whole platform on this machine: embedded Postgres and Redis, local objects, gateway, workers."""
+    """Run the whole platform on this machine: embedded Postgres and Redis, local objects, gateway, workers.
+
+    A process that exits is started again (with back-off, logged, counted in /metrics): see percept/supervisor.py.
+    """
     from percept.db.migrate import upgrade
     from percept.db.session import session_scope
     from percept.db.tenants import create_key as make_key
+    from percept.supervisor import Child, StartupFailure, Supervisor, become_subreaper
 
     _logging()
     settings = get_settings()
+    become_subreaper()  # before the embedded servers start: their orphans must be ours to reap
     with console.status("starting Postgres and Redis (embedded), applying migrations"):
         infra = resolve_infra(settings)
-    children: dict[str, tuple[subprocess.Popen, Path]] = {}
+    supervisor: Supervisor | None = None
     try:
         upgrade(infra.database_url)
         key_file = settings.data_dir / "dev-api-key"
@@ -191,17 +186,15 @@ def run(workers: str = typer.Option("", help="Comma-separated worker pools to ru
         from percept.services import catalog
 
         logs = _log_dir()
-        logs.mkdir(parents=True, exist_ok=True)
         pools = [name.strip() for name in workers.split(",") if name.strip()] or list(catalog().worker_pools)
-        commands = {"gateway": ["-m", "percept.cli", "gateway"]}
+        children = [Child("gateway", ["-m", "percept.cli", "gateway"], logs / "gateway.log")]
         for index, pool in enumerate(pools):
             name = f"worker-{pool}" if pools.count(pool) == 1 else f"worker-{pool}-{pools[:index].count(pool) + 1}"
-            commands[name] = ["-m", "workers", pool]
-        for name, command in commands.items():
-            log_path = logs / f"{name}.log"
-            with log_path.open("ab") as log:  # the child keeps its own descriptor
-                children[name] = (subprocess.Popen([sys.executable, *command], env=env, stdout=log,
-                                                   stderr=subprocess.STDOUT), log_path)
+            children.append(Child(name, ["-m", "workers", pool], logs / f"{name}.log"))
+        supervisor = Supervisor(infra, env, children, logs,
+                                say=lambda line: console.print(line, style="yellow", markup=False, highlight=False,
+                                                              soft_wrap=True))
+        supervisor.start()
         url = f"http://{settings.host}:{settings.port}"
         console.print(f"\n[bold green]Percept[/] is starting at [bold]{url}[/]")
         console.print(f"  console   {url}/console/        API docs  {url}/docs")
@@ -213,23 +206,15 @@ def run(workers: str = typer.Option("", help="Comma-separated worker pools to ru
         for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a process manager
             signal.signal(signum, lambda *_: stop.update(now=True))
         while not stop["now"]:
-            for name, (child, log_path) in children.items():
-                if child.poll() is not None:
-                    console.print(f"[red]{name} exited ({child.returncode}): {_last_line(log_path)}[/]  "
-                                  f"(all of it: {log_path})", highlight=False, soft_wrap=True)
-                    stop["now"] = True
+            supervisor.check()  # restarts what exited
             time.sleep(0.5)
+    except StartupFailure as failure:
+        console.print(str(failure), style="red", markup=False, highlight=False, soft_wrap=True)
     except KeyboardInterrupt:
         pass
     finally:
-        for child, _ in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child, _ in children.values():
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        if supervisor is not None:
+            supervisor.stop()
         infra.close()
         console.print("stopped.")
 

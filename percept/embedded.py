@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 def start_postgres(data_dir: Path):
@@ -37,9 +39,11 @@ def start_redis(data_dir: Path) -> tuple[subprocess.Popen | None, str]:
     data_dir.mkdir(parents=True, exist_ok=True)
     socket = data_dir / "redis.sock"
     url = f"redis+socket://{socket}"
+    # One try per ping: redis-py's default retries (with back-off) make a ping of a dead socket take 4.5 s.
+    client = redis.Redis(unix_socket_path=str(socket), retry=Retry(NoBackoff(), 0))
     if socket.exists():
         try:
-            redis.Redis(unix_socket_path=str(socket)).ping()
+            client.ping()
             return None, url  # already running (another `percept run` owns it)
         except redis.ConnectionError:
             socket.unlink()
@@ -50,7 +54,6 @@ def start_redis(data_dir: Path) -> tuple[subprocess.Popen | None, str]:
          "--logfile", str(data_dir / "redis.log")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    client = redis.Redis(unix_socket_path=str(socket))
     deadline = time.monotonic() + 10
     while True:
         try:

@@ -209,10 +209,11 @@ def cancel(session: Session, job: Job) -> Job:
 
 
 def fail_unsent(session: Session, job_id: str, message: str) -> None:
-    """The broker refused the job: cancel it so a late delivery does not run what the client was told failed."""
+    """The broker refused the job: cancel it so a late delivery does not run what the client was told failed. Its
+    Idempotency-Key is freed: the client was told 503, retry, and the retry with that key must run."""
     session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
                     .values(status=JobStatus.CANCELED, cancel_requested=True, finished_at=func.now(),
-                            error={"code": "broker_unavailable", "message": message}))
+                            idempotency_key=None, error={"code": "broker_unavailable", "message": message}))
 
 
 def cancel_error(error: dict[str, Any]) -> Any:

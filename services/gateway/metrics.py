@@ -16,6 +16,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.metrics_core import CounterMetricFamily
 from sqlalchemy.orm import Session
 
 from percept.db import jobs as job_repo
@@ -24,6 +25,7 @@ from percept.db.session import session_scope
 from percept.infra import Infra
 from percept.queue import queue_depths
 from percept.services import catalog
+from percept.supervisor import restart_counts
 from services.gateway.usecases.jobs import REUSED
 
 log = logging.getLogger(__name__)
@@ -182,7 +184,13 @@ class PlatformCollector:
                 depth.add_metric([queue], count)
         except Exception as exc:
             log.warning("metrics: broker unavailable (%s)", exc.__class__.__name__)
-        yield from (jobs, inference, *histograms.values(), waiting, oldest, depth, deliveries)
+        # Written by `percept run`'s supervisor, a process of its own, each time it restarts one (absent otherwise)
+        restarts = CounterMetricFamily("percept_process_restarts", "Times `percept run` started a process again "
+                                       "after it exited (a worker, the gateway, embedded Redis or Postgres)",
+                                       labels=["process"])
+        for process, count in sorted(restart_counts(self.infra.settings.data_dir).items()):
+            restarts.add_metric([process], count)
+        yield from (jobs, inference, *histograms.values(), waiting, oldest, depth, deliveries, restarts)
 
 
 def make_registry(infra: Infra) -> tuple[CollectorRegistry, Histogram, PlatformCollector]:
