@@ -766,12 +766,14 @@ class Chaos:
                                             {"ids": ids}).all())
             known = set(ids) | set(self.setup_job_ids)
             rows = session.execute(text(
-                "SELECT id, kind, parent_id FROM jobs WHERE tenant_id = ANY(:tenants)"),
+                "SELECT id, kind, parent_id, error->>'code' FROM jobs WHERE tenant_id = ANY(:tenants)"),
                 {"tenants": self.tenant_ids}).all()
             # Jobs the platform makes itself: a dataset's analysis, a grid's cells
             analyses = {row[0] for row in session.execute(text(
                 "SELECT analysis_job_id FROM datasets WHERE tenant_id = ANY(:tenants)"), {"tenants": self.tenant_ids})}
-            stray = [row[0] for row in rows if row[0] not in known and row[0] not in analyses and row[2] is None]
+            # A job the gateway could not send was answered with a 503 (its client retried, making a new job).
+            stray = [row[0] for row in rows if row[0] not in known and row[0] not in analyses and row[2] is None
+                     and row[3] != "broker_unavailable"]
             duplicated = []
             for record in self.records:
                 if record.id is None or statuses.get(record.id) != "succeeded":
