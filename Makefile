@@ -35,8 +35,12 @@ lint: install
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
+# One table: Percept against the direct predictor and against Ray Serve, BentoML and plain FastAPI (each installed
+# once by the bench in its own env under .data/bench-envs/), faces, captioning, diffusion, training, cold starts,
+# RSS. BENCH_ARGS passes options, e.g. make bench BENCH_ARGS="--runs 4 --face-sizes 10000,100000 --update-readme".
+BENCH_ARGS ?=
 bench: install
-	$(PY) bench/classify.py
+	$(PY) bench/report.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .data

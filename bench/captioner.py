@@ -10,6 +10,7 @@ second, greedy and beam-3, at batch 1 and batch 16 (direct), and at 1 and 16 con
 """
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -36,15 +37,26 @@ def captions_per_second(predictor, images, batch_size: int, beam_width: int, sec
     return done / elapsed
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_device_argument(parser)
     parser.add_argument("--images", type=int, default=600, help="scenes in the zip (75%% train, 12.5%% dev, test)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--api-seconds", type=float, default=15.0,
                         help="seconds per API measurement (0: skip the API part)")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     apply_device(parser, args.device)
+    measure(args)
+
+
+def measure(args: argparse.Namespace) -> dict[str, float]:
+    """Prints the figures as it goes; returns them: training s per 1,000 images (`decoder_epoch_per_1000_s`,
+    `feature_pass_per_1000_s`), `direct_{greedy,beam}_{1,16}` and `api_{greedy,beam}_{1,16}` captions/s."""
 
     from percept.datasets import DatasetLimits
     from percept.imaging import decode_rgb
@@ -95,18 +107,23 @@ def main() -> None:
     predictor.setup()
     images = [decode_rgb(scene.image, 10**7, at_least=LSTMCaptioner.input_size)
               for scene in make_scenes(32, seed=1)]
+    figures = {"decoder_epoch_per_1000_s": epoch_seconds / train_images * 1000,
+               "feature_pass_per_1000_s": encoder_pass / args.images * 1000}
     print("captions per second (direct predictor, encoder included):")
     for batch_size in (1, 16):
-        greedy = captions_per_second(predictor, images, batch_size, beam_width=1)
-        beam = captions_per_second(predictor, images, batch_size, beam_width=3)
+        greedy = figures[f"direct_greedy_{batch_size}"] = captions_per_second(predictor, images, batch_size, 1)
+        beam = figures[f"direct_beam_{batch_size}"] = captions_per_second(predictor, images, batch_size, 3)
         print(f"  batch {batch_size:>2}: greedy {greedy:6.1f}/s, beam-3 {beam:6.1f}/s")
 
     # 4. Through the API: `percept run`, a captioner trained there on the same scenes, then POST /v1/caption
+    shutil.rmtree(cache_dir, ignore_errors=True)  # the training's feature cache: done with it
     if args.api_seconds > 0:
-        api_figures(zip_bytes, [scene.image for scene in make_scenes(32, seed=1)], args.epochs, args.api_seconds)
+        figures.update(api_figures(zip_bytes, [scene.image for scene in make_scenes(32, seed=1)], args.epochs,
+                                   args.api_seconds))
+    return figures
 
 
-def api_figures(zip_bytes: bytes, photos: list[bytes], epochs: int, seconds: float) -> None:
+def api_figures(zip_bytes: bytes, photos: list[bytes], epochs: int, seconds: float) -> dict[str, float]:
     with running_platform() as (url, key, _):
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as client:
             dataset = client.post("/v1/datasets", files={"file": ("scenes.zip", zip_bytes)}).json()
@@ -121,11 +138,14 @@ def api_figures(zip_bytes: bytes, photos: list[bytes], epochs: int, seconds: flo
                 raise RuntimeError(f"training through the API did not succeed: {job['error']}")
             ids = [client.post("/v1/images", files={"file": ("s.jpg", photo)}).json()["id"] for photo in photos]
         print("captions per second through the API (percept run; the captioner trained there on the same scenes):")
+        figures = {}
         for beam_width in (1, 3):
             for clients in (1, 16):
                 rate, device = api_rate(url, key, ids, beam_width, clients, seconds)
+                figures[f"api_{'greedy' if beam_width == 1 else 'beam'}_{clients}"] = rate
                 print(f"  {'greedy' if beam_width == 1 else 'beam-3'}, {clients:>2} concurrent clients: "
                       f"{rate:6.1f}/s (worker device {device})")
+    return figures
 
 
 def api_rate(url: str, key: str, image_ids: list[str], beam_width: int, clients: int, seconds: float

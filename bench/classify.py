@@ -1,7 +1,8 @@
 """Classifier figures: the predictor called directly, then the same model through the whole platform
 (gateway, Postgres, Redis, worker, storage) as `percept run` starts it on this machine.
 
-Run: make bench   (or .venv/bin/python bench/classify.py [--device auto|cpu|cuda|cuda:N])
+Run: .venv/bin/python bench/classify.py [--device auto|cpu|cuda|cuda:N]   (`make bench` runs bench/report.py,
+whose serving comparison, bench/serving.py, uses this module's direct-predictor functions)
 
 --device sets PERCEPT_DEVICE for the direct predictor and for the platform's workers alike (default: the
 environment's PERCEPT_DEVICE, else auto); the device each side used is printed.

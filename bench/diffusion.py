@@ -91,8 +91,10 @@ def import_pipeline(client: httpx.Client, archive: bytes) -> None:
     wait(client, job)
 
 
-def api_figures(archive: bytes, params: dict, images: int, direct: float, subjects: int, styles: int) -> None:
-    grid_times = {}
+def api_figures(archive: bytes, params: dict, images: int, direct: float, subjects: int, styles: int
+                ) -> dict[str, float]:
+    """Prints the API figures; returns `api_s_per_image`, `overhead_ms` and `grid_{1,2}_workers_s`."""
+    grid_times, figures = {}, {}
     for workers in (1, 2):
         pools = ",".join(["diffusion"] * workers)
         # The cores shared out between the workers: two workers of two threads on two cores spin against each other
@@ -110,7 +112,8 @@ def api_figures(archive: bytes, params: dict, images: int, direct: float, subjec
                                           headers={"Prefer": "wait=60"}).json()
                         wait(client, job)
                         times.append(time.perf_counter() - started)
-                    median = statistics.median(times)
+                    median = figures["api_s_per_image"] = statistics.median(times)
+                    figures["overhead_ms"] = (median - direct) * 1000
                     print(f"through the API (POST /v1/generate, one job at a time, {images} jobs):")
                     print(f"  {median:7.3f} s/image (median)   {60 / median:8.1f} images/min   platform overhead "
                           f"{(median - direct) * 1000:7.1f} ms/image over the predictor")
@@ -122,16 +125,17 @@ def api_figures(archive: bytes, params: dict, images: int, direct: float, subjec
                 wait(client, client.post("/v1/generate/grid", json=warm_up).json())
                 started = time.perf_counter()
                 job = wait(client, client.post("/v1/generate/grid", json=grid).json())
-                grid_times[workers] = time.perf_counter() - started
+                grid_times[workers] = figures[f"grid_{workers}_workers_s"] = time.perf_counter() - started
                 cells = len(job["output"]["cells"])
                 print(f"grid {subjects}x{styles} ({cells} child jobs, {len(job['output']['cards'])} cards), "
                       f"{workers} worker{'s' if workers > 1 else ''} ({threads} CPU threads each): "
                       f"{grid_times[workers]:7.2f} s wall, {grid_times[workers] / cells:6.3f} s/cell")
     print(f"grid speed-up with 2 workers: {grid_times[1] / grid_times[2]:.2f}x ({os.cpu_count()} cores here; on GPUs "
           "each worker has its own)")
+    return figures
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_device_argument(parser)
     parser.add_argument("--model", type=Path, help="a diffusers pipeline directory (default: the tiny test one)")
@@ -143,8 +147,18 @@ def main() -> None:
     parser.add_argument("--grid", default="2x3", help="SUBJECTSxSTYLES of the grid measurement")
     parser.add_argument("--api", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure through the API (default: yes)")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     apply_device(parser, args.device)
+    measure(args)
+
+
+def measure(args: argparse.Namespace) -> dict[str, float]:
+    """Prints the figures as it goes; returns `direct_s_per_image` (the predictor's) and api_figures' figures."""
     subjects, _, styles = args.grid.partition("x")
 
     params = {"prompt": PROMPT, "steps": args.steps,
@@ -160,8 +174,10 @@ def main() -> None:
         archive = zip_directory(directory)
     print(f"checkpoint: {directory} ({len(archive) / 2**20:.1f} MB zipped)")
     direct = direct_figures(archive, params, args.images)
+    figures = {"direct_s_per_image": direct}
     if args.api:
-        api_figures(archive, params, args.images, direct, int(subjects), int(styles))
+        figures.update(api_figures(archive, params, args.images, direct, int(subjects), int(styles)))
+    return figures
 
 
 if __name__ == "__main__":

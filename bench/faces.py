@@ -307,7 +307,7 @@ def print_table(rows: list[Row], efs: list[int]) -> None:
                   f"| {recall_np:.3f} | {row.insert_ms:.2f} |")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,1000000", help="enrolled faces per run, comma separated")
     parser.add_argument("--queries", type=int, default=200, help="HNSW queries per size and ef_search")
@@ -322,11 +322,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="auto or cpu (default: PERCEPT_DEVICE, else auto); the face service "
                                           "refuses a GPU")
-    args = parser.parse_args()
-    try:
-        device = facerec_device(args.device or get_settings().device)
-    except ValueError as exc:  # a malformed value, or a GPU
-        parser.error(str(exc))
+    return parser
+
+
+@dataclass
+class FaceRun:
+    rows: list[Row]
+    server_version: str
+    pgvector_version: str
+    settings: dict[str, str]
+    device: str
+    wall_s: float
+
+
+def measure(args: argparse.Namespace) -> FaceRun:
+    """Every size of `args.sizes` (a comma-separated string) on a fresh embedded Postgres; ValueError for a
+    device the face service refuses."""
+    device = facerec_device(args.device or get_settings().device)
     log(f"device: {device.description} (the face models' device; the search itself runs in Postgres)")
     sizes = [int(s) for s in args.sizes.split(",")]
     args.ef = [int(e) for e in args.ef.split(",")]
@@ -359,13 +371,24 @@ def main() -> None:
                 rows.append(run_size(size, args, url, conninfo, index_sql, rng))
         finally:
             server.cleanup()
+    return FaceRun(rows, server_version, version, settings, device.description, time.perf_counter() - wall)
 
-    wall = time.perf_counter() - wall
+
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_args()
+    try:
+        run = measure(args)
+    except ValueError as exc:  # a malformed device, or a GPU
+        parser.error(str(exc))
+    rows, server_version, version, settings, wall = (run.rows, run.server_version, run.pgvector_version,
+                                                     run.settings, run.wall_s)
+    device_description = run.device
     print(f"\nFace search: PostgreSQL {server_version} + pgvector {version}, HNSW m=16 ef_construction=64, "
           f"{DIM}-d unit vectors, 1-3 faces per subject (spread {args.spread}), queries {args.noise} from an "
           f"enrolled face; {settings}, maintenance_work_mem={args.maintenance_work_mem}, "
           f"max_parallel_maintenance_workers=1; percept.db.faces.HNSW_EF_SEARCH={faces.HNSW_EF_SEARCH}; "
-          f"face service device {device.description}\n")
+          f"face service device {device_description}\n")
     print_table(rows, args.ef)
     print()
     largest = rows[-1]

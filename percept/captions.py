@@ -222,6 +222,18 @@ def _bad_line(path: str, line: int, problem: str) -> InvalidDataset:
                           details={"file": path, "line": line})
 
 
+def _too_deep(path: str, line: int) -> InvalidDataset:
+    # json.loads recurses once per nesting level: `[[[[...` a few thousand deep exhausts the stack.
+    return _bad_line(path, line, "JSON nested too deeply to be captions")
+
+
+def _file_name(value: object) -> str:
+    """A COCO image's `file_name`, which must be text (a number or a list names no file)."""
+    if not isinstance(value, str):
+        raise TypeError("`file_name` as text")
+    return value
+
+
 def _only(paths: list[str], what: str) -> str:
     if len(paths) > 1:
         raise InvalidDataset(f"The zip holds {len(paths)} {what} files ({', '.join(paths[:3])}): keep one.",
@@ -255,12 +267,14 @@ def _coco(archive: zipfile.ZipFile, by_path: dict[str, zipfile.ZipInfo]) -> _Cap
     for path in paths:
         try:
             document = json.loads(_text(archive, by_path, path))
-            names = {image["id"]: image["file_name"] for image in document["images"]}
+            names = {image["id"]: _file_name(image["file_name"]) for image in document["images"]}
             for annotation in document["annotations"]:
                 name = names[annotation["image_id"]]
                 by_image.setdefault(name, []).append(str(annotation["caption"]).strip())
         except json.JSONDecodeError as exc:
             raise _bad_line(path, exc.lineno, f"not JSON ({exc.msg})") from None
+        except RecursionError:
+            raise _too_deep(path, 1) from None
         except (KeyError, TypeError) as exc:
             raise InvalidDataset(f"{path!r} is not COCO captions: it needs `images` with `id` and `file_name` and "
                                  f"`annotations` with `image_id` and `caption` (missing {exc}).",
@@ -291,6 +305,8 @@ def _jsonl(archive: zipfile.ZipFile, by_path: dict[str, zipfile.ZipInfo]) -> _Ca
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise _bad_line(path, number, f"not a JSON object ({exc.msg})") from None
+        except RecursionError:
+            raise _too_deep(path, number) from None
         texts = record.get("captions") if isinstance(record, dict) else None
         if (not isinstance(record, dict) or not isinstance(record.get("image"), str) or not isinstance(texts, list)
                 or not texts or not all(isinstance(t, str) and t.strip() for t in texts)):
@@ -302,7 +318,11 @@ def _jsonl(archive: zipfile.ZipFile, by_path: dict[str, zipfile.ZipInfo]) -> _Ca
 def _csv(archive: zipfile.ZipFile, by_path: dict[str, zipfile.ZipInfo]) -> _Captions:
     path = _only([p for p in by_path if p.rsplit("/", 1)[-1] == "captions.csv"], "captions.csv")
     reader = csv.DictReader(io.StringIO(_text(archive, by_path, path)))
-    if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+    try:
+        fieldnames = reader.fieldnames  # reads the header row, which can be as broken as any other
+    except csv.Error as exc:
+        raise _bad_line(path, 1, f"not CSV ({exc})") from None
+    if not fieldnames or not {"image", "caption"} <= set(fieldnames):
         raise _bad_line(path, 1, "the header must name the columns `image` and `caption` (and optionally `split`)")
     by_image: dict[str, list[str]] = {}
     splits: dict[str, str] = {}

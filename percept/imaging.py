@@ -77,15 +77,28 @@ def _load(image: Image.Image, max_pixels: int) -> None:
         image.load()  # the first frame of a GIF, TIFF or MPO
     except Image.DecompressionBombError:  # a frame larger than its header said, past Pillow's backstop
         raise _too_many_pixels(image, max_pixels) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidImage(f"The image is corrupt or truncated ({exc}); send the complete file.",
-                           code="corrupt_image", status=422) from None
+    except _DECODE_ERRORS as exc:
+        raise _corrupt(exc) from None
+
+
+# What Pillow's decoders raise on a broken file (each plugin has its own habits).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+
+
+def _corrupt(exc: Exception) -> InvalidImage:
+    return InvalidImage(f"The image is corrupt or truncated ({exc}); send the complete file.",
+                        code="corrupt_image", status=422)
 
 
 def _oriented_size(image: Image.Image) -> tuple[int, int]:
     """The size once EXIF orientation is applied, from the header (before any reduced decode)."""
     width, height = image.size
-    if image.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS:
+    try:
+        # A PNG may keep its EXIF after the pixels: reading it then decodes the file, which can fail.
+        orientation = image.getexif().get(0x0112)
+    except _DECODE_ERRORS as exc:
+        raise _corrupt(exc) from None
+    if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return width, height
 

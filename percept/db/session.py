@@ -40,6 +40,10 @@ def session_scope(url: str) -> Iterator[Session]:
         reason = str(getattr(exc, "orig", exc)).splitlines()[0]
         raise InvalidInput(f"A value you sent cannot be stored ({reason}); correct it and send again.",
                            code="invalid_value") from exc
+    except UnicodeEncodeError as exc:  # JSON's "\ud800": a lone surrogate decodes, but no database text holds it
+        session.rollback()
+        raise InvalidInput("A value you sent cannot be stored (text that is not valid Unicode: a lone surrogate); "
+                           "correct it and send again.", code="invalid_value") from exc
     except (OperationalError, DBAPIError) as exc:
         session.rollback()
         if isinstance(exc, OperationalError) or exc.connection_invalidated:

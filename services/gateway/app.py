@@ -25,6 +25,7 @@ from percept.sweeper import sweep_once
 from services.gateway.events import JobEvents
 from services.gateway.intake import validation_message
 from services.gateway.metrics import make_registry
+from services.gateway.openapi import install_openapi
 from services.gateway.ratelimit import TenantRateLimit, WrongKeyLimit, limits_storage
 from services.gateway.routers import (
     caption,
@@ -187,6 +188,7 @@ def create_app(settings: Settings | None = None, infra: Infra | None = None) -> 
         return error_response(PerceptError("Something went wrong on our side; it has been logged.",
                                            code="internal_error", status=500))
 
+    install_openapi(app)
     app.add_middleware(RequestLatency)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_image_bytes + BODY_OVERHEAD_BYTES,
                        per_path={"/v1/datasets": settings.max_dataset_bytes + BODY_OVERHEAD_BYTES,

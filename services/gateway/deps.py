@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -49,16 +50,16 @@ def get_session(infra: InfraDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def _presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return request.headers.get("x-api-key") or None
+# The two ways to present a key, declared as the OpenAPI schema's security schemes; neither refuses by itself
+# (auto_error=False), so a request without a key is answered by get_tenant_id in the API's error format.
+BearerKey = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(
+    auto_error=False, scheme_name="bearer", description="`Authorization: Bearer <api key>`"))]
+HeaderKey = Annotated[str | None, Depends(APIKeyHeader(
+    name="X-API-Key", auto_error=False, scheme_name="apiKey", description="`X-API-Key: <api key>`"))]
 
 
-async def get_tenant_id(request: Request, infra: InfraDep) -> str:
-    key = _presented_key(request)
+async def get_tenant_id(request: Request, infra: InfraDep, bearer: BearerKey, header_key: HeaderKey) -> str:
+    key = (bearer.credentials if bearer else None) or header_key or None
     if not key:
         raise Unauthorized("Send your API key as `Authorization: Bearer <key>` or `X-API-Key: <key>`.",
                            code="missing_api_key")

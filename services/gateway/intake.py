@@ -23,7 +23,7 @@ def validation_message(exc: ValidationError | list) -> tuple[str, list[dict]]:
         message = error.get("msg", "is invalid")
         if error.get("type") == "extra_forbidden":
             message = "is not a parameter of this endpoint"
-        parts.append(f"`{where}` {message[0].lower() + message[1:]}" if where else message)
+        parts.append(f"`{where}` {message[:1].lower() + message[1:]}" if where else message)
         details.append({"field": where, "problem": message})
     return "Invalid parameters: " + "; ".join(parts) + ".", details
 

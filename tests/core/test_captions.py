@@ -109,6 +109,13 @@ def test_jsonl_and_csv_paths_are_relative_to_the_caption_file():
     ({"captions.csv": "image,caption\na.jpg,ok\nb.jpg,\n", "a.jpg": RED}, "captions.csv", 3),
     ({"captions.csv": "picture,text\na.jpg,ok\n", "a.jpg": RED}, "captions.csv", 1),
     ({"captions.jsonl": b'{"image": "a.jpg", "captions": ["ok"]}\n\xff\xfe\n', "a.jpg": RED}, "captions.jsonl", 2),
+    # Found by tests/core/test_fuzz_inputs.py, each an uncaught exception before: a header row over the csv
+    # module's field limit (csv.Error), JSON nested deeper than the stack (RecursionError).
+    ({"captions.csv": "x" * 200_000 + ",image,caption\na.jpg,ok\n", "a.jpg": RED}, "captions.csv", 1),
+    ({"captions.jsonl": '{"image": "a.jpg", "captions": ["ok"]}\n' + "[" * 100_000 + "]" * 100_000, "a.jpg": RED},
+     "captions.jsonl", 2),
+    ({"annotations/captions_train.json": "[" * 100_000 + "]" * 100_000, "a.jpg": RED},
+     "annotations/captions_train.json", 1),
 ])
 def test_a_caption_file_that_does_not_parse_names_its_file_and_line(members, file, line):
     with pytest.raises(InvalidDataset) as raised:
@@ -126,6 +133,15 @@ def test_coco_without_its_keys_and_captions_without_images_are_refused():
     with pytest.raises(InvalidDataset) as raised:
         read_caption_dataset(make_zip({"captions.csv": "image,caption\nnowhere.jpg,a caption\n"}), LIMITS)
     assert raised.value.code == "no_captioned_images"
+
+
+def test_a_coco_file_name_that_is_not_text_is_refused():
+    """Found by tests/core/test_fuzz_inputs.py: a numeric `file_name` was an AttributeError in the analysis."""
+    document = {"images": [{"id": 1, "file_name": 7}], "annotations": [{"image_id": 1, "caption": "a red square"}]}
+    with pytest.raises(InvalidDataset) as raised:
+        analyse_caption_dataset(make_zip({"annotations/captions_train.json": json.dumps(document), "a.jpg": RED}),
+                                LIMITS)
+    assert raised.value.code == "invalid_caption_file" and "file_name" in raised.value.message
 
 
 def test_caption_zips_get_the_same_zip_safety():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from percept.errors import PerceptError
 from percept.imaging import decode_rgb, inspect_image, oriented_size
 
 MAX_PIXELS = 40_000_000
@@ -52,6 +53,20 @@ def test_a_truncated_photo_is_still_refused_when_checked_at_the_smallest_scale()
     with pytest.raises(Exception) as refused:
         inspect_image(data[: int(len(data) * 0.95)], MAX_PIXELS)
     assert getattr(refused.value, "code", None) == "corrupt_image"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "GIF", "TIFF"])
+def test_a_truncated_file_of_any_format_is_a_clean_refusal(fmt):
+    """Found by tests/core/test_fuzz_inputs.py: reading a PNG's EXIF orientation decodes the file (its EXIF may
+    follow the pixels), and a truncated one raised a bare OSError there (a 500 at the gateway)."""
+    data = photo(64, 48, fmt=fmt)
+    for cut in (len(data) // 2, len(data) - 8):
+        for check in (inspect_image, oriented_size, decode_rgb):
+            try:
+                check(data[:cut], MAX_PIXELS)
+            except PerceptError as exc:
+                assert exc.code in ("corrupt_image", "unsupported_image") and 400 <= exc.status < 500
+            # (a truncated GIF or TIFF may still yield its first frame)
 
 
 def test_the_pixel_cap_is_the_callers_and_pillows_own_guard_is_left_alone():

@@ -84,6 +84,8 @@ HOSTILE = {
     "text file": (lambda: b"hello, this is not an image" * 10, 415, "unsupported_image"),
     "pdf": (lambda: b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", 415, "unsupported_image"),
     "truncated jpeg": (_truncated_jpeg, 422, "corrupt_image"),
+    # A 500 until the fuzz found it: reading a PNG's EXIF orientation decodes the file.
+    "truncated png": (lambda: image_bytes(_rgb(64, 64), "PNG")[:-40], 422, "corrupt_image"),
     "decompression bomb": (lambda: _png_header_only(50_000, 50_000), 413, "image_too_many_pixels"),
     "just over the pixel cap": (lambda: _png_header_only(2001, 2001), 413, "image_too_many_pixels"),
     "too many bytes": (lambda: b"\xff\xd8" + bytes(3 * 1024 * 1024), 413, "request_too_large"),

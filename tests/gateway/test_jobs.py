@@ -213,6 +213,48 @@ def test_values_the_database_cannot_hold_are_a_422(api):
         assert "NUL" in answer.json()["error"]["message"]
 
 
+def test_text_that_is_not_unicode_is_a_422(api):
+    """Found by the fuzz (tests/gateway/test_fuzz.py): JSON's `\\ud800` escape decodes to a lone surrogate, which
+    no UTF-8 text holds; it reached the database driver and was a 500."""
+    for path, body in (("/v1/classify", r'{"image": "\ud800"}'), ("/v1/caption", r'{"image": "x\udfffy"}'),
+                       ("/v1/train/classifier", r'{"dataset": "\ud800", "name": "pets"}')):
+        answer = api.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 422, (path, answer.text)
+        assert answer.json()["error"]["code"] == "invalid_value" and "surrogate" in answer.json()["error"]["message"]
+    assert api.get("/v1/jobs").json()["data"] == []
+
+
+def test_the_openapi_schema_declares_every_answer_the_gateway_gives(api):
+    """What the fuzz holds the gateway to: the answers of the shared machinery (key check, rate limits, body
+    parsing and its size cap, validation, a dependency down) are declared on every route, all as ErrorOut."""
+    schema = api.get("/openapi.json").json()
+    error = {"$ref": "#/components/schemas/ErrorOut"}
+    assert set(schema["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            if path.startswith("/v1/"):
+                assert operation["security"] == [{"bearer": []}, {"apiKey": []}], (method, path)
+                assert {"401", "429", "503"} <= set(responses), (method, path)
+                assert responses["429"]["headers"]["Retry-After"]["required"] is True
+            if "requestBody" in operation:
+                assert {"400", "413", "422"} <= set(responses), (method, path)
+            for status, response in responses.items():
+                if status >= "400" and path != "/readyz":
+                    assert response["content"]["application/json"]["schema"] == error, (method, path, status)
+            for parameter in operation.get("parameters", ()):
+                assert {"type": "null"} not in parameter["schema"].get("anyOf", ()), (method, path, parameter)
+    for path in ("/v1/images", "/v1/datasets", "/v1/models/import"):
+        body = schema["paths"][path]["post"]["requestBody"]
+        assert body["required"] and "file" in body["content"]["multipart/form-data"]["schema"]["required"], path
+    identify = schema["paths"]["/v1/faces/identify"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert identify["schema"]["required"] == ["image", "collection"]
+    assert identify["schema"]["additionalProperties"] is False
+    assert "text/plain" in schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert "503" in schema["paths"]["/readyz"]["get"]["responses"]
+
+
 def test_a_camera_sized_photo_is_classified(api):
     """The worker decodes this 3.8-megapixel JPEG at 1/4 scale for the model (short side 400 >= 256; the
     reduction itself is checked in tests/core/test_imaging.py): the answer stays right."""

@@ -23,7 +23,16 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+READINESS = {"type": "object", "required": ["status", "checks"], "properties": {
+    "status": {"enum": ["ready", "unavailable"]},
+    "checks": {"type": "object", "additionalProperties": {"type": "string"}}}}
+
+
+@router.get("/readyz", responses={
+    200: {"description": "All dependencies answer", "content": {"application/json": {"schema": READINESS}}},
+    503: {"description": "A dependency does not answer (see `checks`)",
+          "content": {"application/json": {"schema": READINESS}},
+          "headers": {"Retry-After": {"required": True, "schema": {"type": "integer"}}}}})
 def readyz(infra: InfraDep) -> JSONResponse:
     """Readiness: the database, the broker and object storage all answer."""
     checks = {}
@@ -45,7 +54,9 @@ def _ping_database(url: str) -> None:
         session.execute(text("SELECT 1"))
 
 
-@router.get("/metrics", include_in_schema=True, responses={401: {"model": ErrorOut}})
+@router.get("/metrics", include_in_schema=True, response_class=Response, responses={
+    200: {"description": "Prometheus text exposition", "content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}},
+    401: {"model": ErrorOut}})
 async def metrics(request: Request, infra: InfraDep) -> Response:
     """Prometheus metrics; with PERCEPT_METRICS_TOKEN set, only for `Authorization: Bearer <that token>`."""
     token = infra.settings.metrics_token

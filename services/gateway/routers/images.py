@@ -18,7 +18,10 @@ ERRORS: Responses = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 413: {"
           415: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}}
 
 
-@router.post("", status_code=201, response_model=ImageOut, responses=ERRORS)
+@router.post("", status_code=201, response_model=ImageOut, responses=ERRORS,
+             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                 "type": "object", "required": ["file"],
+                 "properties": {"file": {"type": "string", "format": "binary"}}}}}}})
 async def upload_image(request: Request, session: SessionDep, infra: InfraDep, tenant_id: TenantDep) -> ImageOut:
     """Upload an image (multipart `file`); the same bytes give the same id."""
     form = await request.form(max_files=1, max_fields=10)

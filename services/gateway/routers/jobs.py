@@ -14,6 +14,7 @@ from percept.infra import Infra
 from percept.schemas import ErrorOut, JobOut, JobPage, Responses
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.events import JobEvents, wait_for_change
+from services.gateway.openapi import without_null
 from services.gateway.transaction import commit
 from services.gateway.usecases import jobs
 
@@ -42,7 +43,8 @@ IdempotencyHeader = Annotated[str | None, Header(max_length=200,
 
 
 def cancel_after_header(session: SessionDep, cancel_after: Annotated[str | None, Header(
-        alias="Cancel-After", max_length=40, description="Seconds (> 0, at most 7 days): a job still queued or "
+        alias="Cancel-After", max_length=40, json_schema_extra={"pattern": r"^[0-9]+(\.[0-9]+)?$"},
+        description="Seconds (> 0, at most 7 days): a job still queued or "
         "running this long after it was submitted is canceled, with the error code `deadline_exceeded`")] = None,
                         ) -> None:
     jobs.set_cancel_after(session, cancel_after)
@@ -60,17 +62,20 @@ CANCEL_AFTER = [Depends(cancel_after_header), Depends(prefer_no_reuse)]
 def image_job_body(*fields: str, params: type[BaseModel], json_too: bool = False) -> dict[str, Any]:
     """The OpenAPI request body of a job POST with image fields: multipart (files or image ids), and with
     `json_too` also JSON (image ids)."""
-    properties = params.model_json_schema()["properties"]
+    params_schema = params.model_json_schema()
 
-    def schema(image: dict[str, str]) -> dict[str, Any]:
-        return {"type": "object", "required": list(fields), "properties": {
-            **{name: image for name in fields}, **properties}}
+    def schema(image: dict[str, str], form: bool) -> dict[str, Any]:
+        properties = {name: without_null(p) if form else p for name, p in params_schema["properties"].items()}
+        return {"type": "object", "required": [*fields, *params_schema.get("required", ())],
+                "properties": {**{name: image for name in fields}, **properties},
+                # The parameter models refuse fields they do not know (extra="forbid").
+                "additionalProperties": params_schema.get("additionalProperties", True)}
 
     content = {"multipart/form-data": {"schema": schema(
-        {"type": "string", "format": "binary", "description": "file, or an image id"})}}
+        {"type": "string", "format": "binary", "description": "file, or an image id"}, form=True)}}
     if json_too:
-        content["application/json"] = {"schema": schema({"type": "string", "description": "an image id"})}
-    return {"requestBody": {"content": content}}
+        content["application/json"] = {"schema": schema({"type": "string", "description": "an image id"}, form=False)}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 async def accepted(response: Response, session: Session, infra: Infra, events: JobEvents, tenant_id: str,

@@ -34,7 +34,11 @@ IMPORT_RESPONSES: Responses = {**JOB_RESPONSES, 409: {"model": ErrorOut}, 413: {
                                415: {"model": ErrorOut}}
 
 
-@router.post("/import", status_code=202, response_model=JobOut, responses=IMPORT_RESPONSES, dependencies=CANCEL_AFTER)
+@router.post("/import", status_code=202, response_model=JobOut, responses=IMPORT_RESPONSES, dependencies=CANCEL_AFTER,
+             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                 "type": "object", "required": ["file", *ModelImportParams.model_json_schema()["required"]],
+                 "properties": {"file": {"type": "string", "format": "binary", "description": "the zip"},
+                                **ModelImportParams.model_json_schema()["properties"]}}}}}})
 async def import_model(request: Request, response: Response, session: SessionDep, infra: InfraDep,
                        events: EventsDep, tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                        prefer: PreferHeader = None) -> JobOut:

@@ -23,7 +23,11 @@ ERRORS: Responses = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 413: {"
           415: {"model": ErrorOut}, 422: {"model": ErrorOut}, 429: {"model": ErrorOut}, 503: {"model": ErrorOut}}
 
 
-@router.post("/datasets", status_code=202, response_model=DatasetOut, responses=ERRORS)
+@router.post("/datasets", status_code=202, response_model=DatasetOut, responses=ERRORS,
+             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                 "type": "object", "required": ["file"], "properties": {
+                     "file": {"type": "string", "format": "binary", "description": "the zip"},
+                     "name": {"type": "string", "description": "default: the file's name"}}}}}}})
 async def upload_dataset(request: Request, response: Response, session: SessionDep, infra: InfraDep,
                          tenant_id: TenantDep) -> DatasetOut:
     """Upload a zip (multipart `file`, optional `name`): one folder per class, or images with captions

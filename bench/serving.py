@@ -1,0 +1,216 @@
+"""The classifier served side by side: Percept's API, the predictor called directly, and the serving frameworks a
+user would pick instead (bench/peers: Ray Serve, BentoML, plain FastAPI, each in its own virtualenv), all on the
+same EfficientNet-Lite0 predictor and decode, sent the same JPEGs as multipart uploads.
+
+Each run measures every system once, the order reversed on every other run (a shared VM drifts within
+minutes); the figures are given as min / median over the runs (issue 13's convention).
+
+Run: .venv/bin/python bench/serving.py [--runs 2] [--seconds 10] [--requests 60] [--systems percept,direct,ray,...]
+     [--device auto|cpu|cuda|cuda:N]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from io import BytesIO
+
+import httpx
+from harness import ROOT, add_device_argument, apply_device, free_port, running_platform
+from PIL import Image
+from skimage import data
+
+sys.path.insert(0, str(ROOT))
+
+from bench.peers.run import PEERS, peer_version, running_peer  # noqa: E402
+
+CONCURRENCY = 16
+SYSTEMS = ("percept", "direct", "ray", "bentoml", "fastapi")
+LABELS = {"percept": "Percept API (POST /v1/classify, multipart, `Prefer: wait=30, no-reuse`)",
+          "direct": "direct predictor (batch 1 latency / batch 16)",
+          **{name: PEERS[name][0] for name in PEERS}}
+# Distinct photos (and qualities), so no cache or result reuse can answer a request without the model.
+PHOTOS = ("coffee", "chelsea", "astronaut", "rocket")
+QUALITIES = (95, 90, 85, 80)
+
+
+def sample_jpegs() -> list[bytes]:
+    """16 different JPEGs of ordinary photo sizes (300 x 451 to 512 x 512), sent in turn by every client."""
+    jpegs = []
+    for name in PHOTOS:
+        image = Image.fromarray(getattr(data, name)()).convert("RGB")
+        for quality in QUALITIES:
+            buffer = BytesIO()
+            image.save(buffer, format="JPEG", quality=quality)
+            jpegs.append(buffer.getvalue())
+    return jpegs
+
+
+@dataclass
+class Endpoint:
+    """How to send one classify request to a system: POST `url + path` with the JPEG as multipart `field`;
+    `model_ms` reads the model's own time out of an answer, where the system records one."""
+
+    url: str
+    path: str = "/classify"
+    headers: dict[str, str] = field(default_factory=dict)
+    check: Callable[[httpx.Response], dict] = lambda response: response.raise_for_status().json()
+    model_ms: Callable[[dict], float] | None = None
+
+
+@dataclass
+class Figures:
+    p50_ms: float
+    p99_ms: float
+    rate_16: float
+    outside_model_ms: float | None = None  # p50 of (latency - the job's own inference time), Percept only
+    gateway_rss_mb: float | None = None
+
+
+def percept_answer(response: httpx.Response) -> dict:
+    job = response.json()
+    if job.get("status") != "succeeded":
+        raise RuntimeError(f"job did not succeed: {job}")
+    return job
+
+
+@contextmanager
+def percept_endpoint() -> Iterator[tuple[Endpoint, Callable[[], float]]]:
+    """`percept run` with its classifier pool only: what a user serving the classifier runs (its worker takes
+    the device from PERCEPT_DEVICE, which --device sets); (the endpoint, the gateway's RSS in MB)."""
+    with running_platform("classifier") as (url, key, gateway):
+        yield (Endpoint(url, "/v1/classify", {"Authorization": f"Bearer {key}", "Prefer": "wait=30, no-reuse"},
+                        percept_answer, lambda job: job["provenance"]["timings_ms"]["inference"]),
+               lambda: gateway.memory_info().rss / 2**20)
+
+
+def send(client: httpx.Client, endpoint: Endpoint, jpeg: bytes) -> tuple[float, dict]:
+    started = time.perf_counter()
+    answer = endpoint.check(client.post(endpoint.path, files={"image": ("photo.jpg", jpeg, "image/jpeg")}))
+    return (time.perf_counter() - started) * 1000, answer
+
+
+def measure_endpoint(endpoint: Endpoint, jpegs: list[bytes], requests_at_1: int, seconds: float) -> Figures:
+    """c=1: `requests_at_1` requests one after another; c=16: 16 clients for `seconds`, images/s."""
+    with httpx.Client(base_url=endpoint.url, headers=endpoint.headers, timeout=60) as client:
+        for jpeg in jpegs[:8]:  # warm-up: model load, first-call allocations, connection pools
+            send(client, endpoint, jpeg)
+        timed = [send(client, endpoint, jpegs[i % len(jpegs)]) for i in range(requests_at_1)]
+    latencies = sorted(latency for latency, _ in timed)
+    outside = (statistics.median(latency - endpoint.model_ms(answer) for latency, answer in timed)
+               if endpoint.model_ms else None)
+    stop_at = time.perf_counter() + seconds
+
+    def client_loop(offset: int) -> int:
+        count = 0
+        with httpx.Client(base_url=endpoint.url, headers=endpoint.headers, timeout=60) as client:
+            while time.perf_counter() < stop_at:
+                send(client, endpoint, jpegs[(offset + count) % len(jpegs)])
+                count += 1
+        return count
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        done = sum(pool.map(client_loop, range(CONCURRENCY)))
+    return Figures(percentile(latencies, 50), percentile(latencies, 99), done / (time.perf_counter() - started),
+                   outside)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+def measure_direct(seconds: float) -> Figures:
+    """The predictor in this process (bench/classify.py's functions): one image's latency, batch-16 images/s."""
+    import classify
+
+    latency = classify.direct_latency_ms(samples=50)
+    return Figures(latency, latency, classify.direct_throughput(16, seconds=seconds))
+
+
+def measure_system(name: str, jpegs: list[bytes], args: argparse.Namespace) -> Figures:
+    if name == "direct":
+        return measure_direct(min(args.seconds, 5.0))
+    if name == "percept":
+        with percept_endpoint() as (endpoint, gateway_rss):
+            figures = measure_endpoint(endpoint, jpegs, args.requests, args.seconds)
+            figures.gateway_rss_mb = gateway_rss()
+            return figures
+    with running_peer(name, free_port(), args.device) as url:
+        return measure_endpoint(Endpoint(url), jpegs, args.requests, args.seconds)
+
+
+def run_comparison(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, list[Figures]]:
+    """Every system once per run, the order reversed every other run; {system: [Figures per run]}."""
+    jpegs = sample_jpegs()
+    results: dict[str, list[Figures]] = {name: [] for name in args.systems}
+    for run in range(args.runs):
+        order = list(args.systems) if run % 2 == 0 else list(reversed(args.systems))
+        for name in order:
+            log(f"serving run {run + 1}/{args.runs}: {name}")
+            figures = measure_system(name, jpegs, args)
+            log(f"  {name}: c=1 p50 {figures.p50_ms:.1f} ms, c={CONCURRENCY} {figures.rate_16:.1f} images/s")
+            results[name].append(figures)
+    return results
+
+
+def min_median(values: list[float], digits: int = 1) -> str:
+    """'min / median' over the runs, as issue 13's table gives them (for a rate the min is the worst run)."""
+    return f"{min(values):.{digits}f} / {statistics.median(values):.{digits}f}"
+
+
+def comparison_rows(results: dict[str, list[Figures]]) -> list[list[str]]:
+    """Table rows: system, c=1 p50, c=1 p99, outside the model at c=1, c=16 images/s, % of direct batch 16."""
+    direct = statistics.median(f.rate_16 for f in results["direct"]) if results.get("direct") else None
+    rows = []
+    for name, runs in results.items():
+        label = LABELS[name] + (f" {peer_version(name)}" if name in PEERS else "")
+        rates = [f.rate_16 for f in runs]
+        share = (f"{100 * min(rates) / direct:.0f}% / {100 * statistics.median(rates) / direct:.0f}%"
+                 if direct and name != "direct" else "100%" if name == "direct" else "-")
+        outside = [f.outside_model_ms for f in runs if f.outside_model_ms is not None]
+        rows.append([label, min_median([f.p50_ms for f in runs]) + " ms",
+                     "-" if name == "direct" else min_median([f.p99_ms for f in runs]) + " ms",
+                     min_median(outside) + " ms" if outside else "-",
+                     min_median(rates), share])
+    return rows
+
+
+COMPARISON_HEADER = ["system", "c=1 p50", "c=1 p99", "c=1 outside the model (p50)", f"c={CONCURRENCY} images/s",
+                     f"c={CONCURRENCY} / direct batch 16"]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs", type=int, default=2, help="runs of every system, order reversed every other run")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds of the c=16 measurement per system")
+    parser.add_argument("--requests", type=int, default=60, help="sequential requests of the c=1 measurement")
+    parser.add_argument("--systems", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                        default=list(SYSTEMS), help=f"comma separated, of {', '.join(SYSTEMS)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_device_argument(parser)
+    add_arguments(parser)
+    args = parser.parse_args()
+    apply_device(parser, args.device)
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    results = run_comparison(args, lambda line: print(line, file=sys.stderr, flush=True))
+    print(markdown_table(COMPARISON_HEADER, comparison_rows(results)))
+
+
+if __name__ == "__main__":
+    main()
