@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -154,6 +155,16 @@ def _log_dir() -> Path:
     return get_settings().data_dir / "logs"
 
 
+def replica_threads(replicas: int, cores: int, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of one of `replicas` processes of a pool: they share the machine's cores, so each one's
+    model runs on cores / replicas threads (OMP_NUM_THREADS, which torch and onnxruntime read), not on every core
+    (two processes of two threads each on two cores run several times slower than either alone). A pool run once,
+    or an OMP_NUM_THREADS the user set, is left alone."""
+    if replicas < 2 or "OMP_NUM_THREADS" in environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, cores // replicas))}
+
+
 @app.command()
 def run(workers: str = typer.Option("", help="Comma-separated worker pools to run (default: every declared one; "
                                              "a pool named twice runs twice)")) -> None:
@@ -190,7 +201,8 @@ def run(workers: str = typer.Option("", help="Comma-separated worker pools to ru
         children = [Child("gateway", ["-m", "percept.cli", "gateway"], logs / "gateway.log")]
         for index, pool in enumerate(pools):
             name = f"worker-{pool}" if pools.count(pool) == 1 else f"worker-{pool}-{pools[:index].count(pool) + 1}"
-            children.append(Child(name, ["-m", "workers", pool], logs / f"{name}.log"))
+            children.append(Child(name, ["-m", "workers", pool], logs / f"{name}.log",
+                                  replica_threads(pools.count(pool), os.cpu_count() or 1, os.environ)))
         supervisor = Supervisor(infra, env, children, logs,
                                 say=lambda line: console.print(line, style="yellow", markup=False, highlight=False,
                                                               soft_wrap=True))

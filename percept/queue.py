@@ -92,8 +92,18 @@ def redis_client(broker_url: str) -> redis.Redis:
 
 def publish_job_event(broker_url: str, job_id: str, status: str) -> None:
     """Best effort: waiters also re-read the database on a timer, so a lost event only delays them."""
+    publish_job_events(broker_url, [(job_id, status)])
+
+
+def publish_job_events(broker_url: str, events: list[tuple[str, str]]) -> None:
+    """(job id, status) events in one round trip (a batch's), best effort like publish_job_event."""
+    if not events:
+        return
     try:
-        redis_client(broker_url).publish(JOB_EVENTS_CHANNEL, f"{job_id} {status}")
+        with redis_client(broker_url).pipeline(transaction=False) as pipe:
+            for job_id, status in events:
+                pipe.publish(JOB_EVENTS_CHANNEL, f"{job_id} {status}")
+            pipe.execute()
     except redis.RedisError:
         pass
 

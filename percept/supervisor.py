@@ -107,6 +107,7 @@ class Child:
     name: str
     argv: list[str]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # on top of the supervisor's
     process: subprocess.Popen | None = None
 
 
@@ -146,8 +147,8 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         with child.log_path.open("ab") as log_file:  # the child keeps its own descriptor
             # Its own process group: a worker's pool processes go with it when it is restarted or stopped.
-            child.process = subprocess.Popen([sys.executable, *child.argv], env=self.env, stdout=log_file,
-                                             stderr=subprocess.STDOUT, process_group=0)
+            child.process = subprocess.Popen([sys.executable, *child.argv], env={**self.env, **child.env},
+                                             stdout=log_file, stderr=subprocess.STDOUT, process_group=0)
 
     @staticmethod
     def _child_alive(child: Child) -> bool:

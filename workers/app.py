@@ -76,10 +76,11 @@ def create_worker_app(infra: Infra, pool: WorkerPool) -> Celery:
     @worker_process_init.connect(weak=False)
     def _reset_after_fork(**_: Any) -> None:
         # Connections and engines made in the parent must not be shared with the child.
-        from percept.db.session import _session_factory, get_engine
+        from percept.db.session import _reader_factory, _session_factory, get_engine
 
         get_engine.cache_clear()
         _session_factory.cache_clear()
+        _reader_factory.cache_clear()
         runtime_holder.clear()
 
     drain.clear()  # this worker process's marker, left in a /tmp that outlived an earlier container

@@ -42,7 +42,7 @@ from percept.predictor import (
     TrainingData,
     parse_model_ref,
 )
-from percept.queue import publish_job_event, send_job
+from percept.queue import publish_job_event, publish_job_events, send_job
 from percept.services import catalog, import_by_name
 from percept.storage import StoredCache, object_key_for
 from percept.version import code_version, library_versions
@@ -191,16 +191,15 @@ class JobRuntime:
                                   job.priority)
                        for job in job_repo.claim(session, list(dict.fromkeys(job_ids)), self.worker_name)]
             inference = [job for job in claimed if is_inference(job.kind)]
-            images = image_repo.get_images(
+            keys = image_repo.object_keys(
                 session, [item["image_id"] for job in inference for item in job.inputs]) if inference else {}
             for job in inference:
-                job.image_keys = [images[item["image_id"]].object_key for item in job.inputs]
+                job.image_keys = [keys[item["image_id"]] for item in job.inputs]
             self._find_models(session, inference)
             session.commit()
         for job_id in set(job_ids) - {job.id for job in claimed}:
             log.info("job %s is not queued any more; nothing to do", job_id)
-        for job in claimed:
-            publish_job_event(self.infra.broker_url, job.id, "running")
+        publish_job_events(self.infra.broker_url, [(job.id, "running") for job in claimed])
         return claimed
 
     def _find_models(self, session: Session, jobs: list[ClaimedJob]) -> None:
@@ -482,8 +481,7 @@ class JobRuntime:
                 alive = [job_repo.set_progress(session, job.id, job.attempt,
                                                {"done": done, "total": total, **(info or {})}) for job in jobs]
                 session.commit()
-            for job in jobs:
-                publish_job_event(self.infra.broker_url, job.id, "running")
+            publish_job_events(self.infra.broker_url, [(job.id, "running") for job in jobs])
             if not all(alive):
                 raise JobCanceled()
         return on_step
@@ -492,8 +490,10 @@ class JobRuntime:
     def _write_results(self, jobs: list[ClaimedJob]) -> None:
         written = []
         with session_scope(self.infra.database_url) as session:
+            done = self._write_plain_successes(session, [job for job in jobs if not job.waiting])
+            written += [(job_id, JobStatus.SUCCEEDED.value) for job_id in sorted(done)]
             for job in jobs:
-                if job.waiting:
+                if job.waiting or job.id in done:
                     continue
                 status = self._write_result(session, job)
                 if status is not None:
@@ -504,9 +504,30 @@ class JobRuntime:
                                                       if job.parent_id and not job.waiting])
             woken = [(parent.kind, parent.id, parent.priority, status) for parent, status in parents]
             session.commit()
-        for job_id, status_name in written:
-            publish_job_event(self.infra.broker_url, job_id, status_name)
+        publish_job_events(self.infra.broker_url, written)
         send_woken_parents(self.infra.broker_url, woken)
+
+    def _write_plain_successes(self, session: Session, jobs: list[ClaimedJob]) -> set[str]:
+        """The succeeded jobs with nothing to do beside their row (no finalizer, no model to register: a batch of
+        classifications) written in one statement; the ids written. Any other job, or all of them if the
+        statement fails, is written one by one (_write_result)."""
+        plain = [job for job in jobs if job.error is None and job.output is not None and job.register is None
+                 and finalizer_of(job.kind) is None]
+        if not plain:
+            return set()
+        try:
+            with session.begin_nested():
+                return job_repo.succeed_many(session, [
+                    (job.id, job.attempt, job.output, self._provenance(job), search_text_of(job.kind, job.output))
+                    for job in plain])
+        except (DependencyUnavailable, OperationalError):
+            raise
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise
+            log.warning("writing %d results in one statement failed (%s); writing them one by one", len(plain),
+                        exc.__class__.__name__)
+            return set()
 
     def _write_result(self, session: Session, job: ClaimedJob) -> JobStatus | None:
         """One job's result with its side effects (its finalizer's, a model to register), in a savepoint of

@@ -18,13 +18,22 @@ def get_images(session: Session, image_ids: list[str]) -> dict[str, Image]:
     return {img.id: img for img in session.scalars(select(Image).where(Image.id.in_(image_ids)))}
 
 
+def object_keys(session: Session, image_ids: list[str]) -> dict[str, str]:
+    """Where each image's bytes are stored, by image id."""
+    return dict(session.execute(select(Image.id, Image.object_key).where(Image.id.in_(image_ids))).tuples().all())
+
+
 def add_image(session: Session, image: Image) -> Image:
-    """Insert unless the tenant already has these bytes; either way return the stored row."""
+    """Insert unless the tenant already has these bytes; either way return the stored row. One statement: the
+    row inserted, else the one there (a second look only when another request inserted it meanwhile, which the
+    statement's snapshot cannot see)."""
     values = {c.name: getattr(image, c.name) for c in Image.__table__.columns if c.name != "created_at"}
-    session.execute(insert(Image).values(**values).on_conflict_do_nothing(
-        index_elements=[Image.tenant_id, Image.sha256]))
-    return session.scalars(select(Image).where(Image.tenant_id == image.tenant_id,
-                                               Image.sha256 == image.sha256)).one()
+    same = (Image.tenant_id == image.tenant_id, Image.sha256 == image.sha256)
+    inserted = (insert(Image).values(**values).on_conflict_do_nothing(index_elements=[Image.tenant_id, Image.sha256])
+                .returning(*Image.__table__.columns).cte("inserted"))
+    either = select(inserted).union_all(select(*Image.__table__.columns).where(*same)).limit(1)
+    found = session.scalars(select(Image).from_statement(either)).first()
+    return found if found is not None else session.scalars(select(Image).where(*same)).one()
 
 
 def add_job_image(session: Session, store: ObjectStore, max_pixels: int, tenant_id: str, job_id: str,

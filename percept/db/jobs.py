@@ -7,7 +7,8 @@ can never both run a job, and a worker whose lease was taken back cannot write a
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Float, cast, func, or_, select, update
+from sqlalchemy import Float, Integer, Row, String, Text, cast, column, func, or_, select, update
+from sqlalchemy import values as values_of
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -127,16 +128,21 @@ def list_jobs(session: Session, tenant_id: str, *, kind: str | None = None, stat
     return list(session.scalars(query.order_by(Job.id.desc()).limit(limit)))
 
 
-def claim(session: Session, job_ids: list[str], worker: str) -> list[Job]:
-    """queued -> running, attempt + 1, in one statement. Jobs that are not queued (done, running,
-    canceled) are left out."""
-    return list(session.scalars(
+# What a worker reads of a job it claims (rows, not ORM objects: the hot path builds none).
+CLAIMED_COLUMNS = (Job.id, Job.tenant_id, Job.kind, Job.attempts, Job.model_name, Job.params, Job.inputs,
+                   Job.created_at, Job.started_at, Job.parent_id, Job.priority)
+
+
+def claim(session: Session, job_ids: list[str], worker: str) -> list[Row[Any]]:
+    """queued -> running, attempt + 1, in one statement; the claimed jobs' CLAIMED_COLUMNS. Jobs that are not
+    queued (done, running, canceled) are left out."""
+    return list(session.execute(
         update(Job)
         .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False),
                or_(Job.deadline_at.is_(None), Job.deadline_at > func.now()))  # past it: the sweeper ends it
         .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker,
                 started_at=func.coalesce(Job.started_at, func.now()), heartbeat_at=func.now())
-        .returning(Job)))
+        .returning(*CLAIMED_COLUMNS)))
 
 
 def heartbeat(session: Session, job_ids: list[str], worker: str) -> None:
@@ -179,6 +185,24 @@ def finish(session: Session, job_id: str, attempt: int, status: JobStatus, *,
         values["error"] = cancel_error(values["error"])
     result = session.execute(update(Job).where(*holds).values(**values))
     return status if rowcount(result) == 1 else None
+
+
+def succeed_many(session: Session, results: list[tuple[str, int, dict[str, Any] | None, dict[str, Any], str | None]]
+                 ) -> set[str]:
+    """running -> succeeded for a batch's jobs, (job id, attempt, output, provenance, search text) each, in one
+    statement: finish()'s success for many. Returns the ids written; a job left out (its cancel was requested,
+    or another attempt holds it) is the caller's to finish() one by one."""
+    if not results:
+        return set()
+    batch = values_of(column("id", String), column("attempt", Integer), column("output", JSONB),
+                   column("provenance", JSONB), column("search_text", Text), name="batch").data(results)
+    return set(session.scalars(
+        update(Job).where(Job.id == batch.c.id, Job.status == JobStatus.RUNNING, Job.attempts == batch.c.attempt,
+                          Job.cancel_requested.is_(False))
+        .values(status=JobStatus.SUCCEEDED, output=batch.c.output, error=None, finished_at=func.now(),
+                provenance=batch.c.provenance, search_text=batch.c.search_text,
+                progress={"done": 1, "total": 1})
+        .returning(Job.id).execution_options(synchronize_session=False)))
 
 
 def release(session: Session, job_id: str, attempt: int) -> JobStatus | None:

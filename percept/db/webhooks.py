@@ -89,6 +89,10 @@ class DueDelivery:
     job: Job
 
 
+def any_webhooks(session: Session) -> bool:
+    return bool(session.scalar(select(select(Webhook.id).limit(1).exists())))
+
+
 def take_due(session: Session, lease: timedelta, max_attempts: int, limit: int = 20) -> list[DueDelivery]:
     """Pending deliveries whose time has come, leased to the caller (attempt counted now).
 

@@ -134,7 +134,7 @@ def create_app(settings: Settings | None = None, infra: Infra | None = None) -> 
         # Long-polls hold a worker thread each while they read the database; allow many at once.
         anyio.to_thread.current_default_thread_limiter().total_tokens = 200
         app.state.events = JobEvents(resolved.broker_url)
-        webhook_sender = WebhookSender(resolved)
+        app.state.webhook_sender = webhook_sender = WebhookSender(resolved)
         app.state.events.on_ended = webhook_sender.wake
         app.state.events.start()
         webhook_sender.start()

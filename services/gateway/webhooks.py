@@ -196,9 +196,26 @@ class WebhookSender:
         self.allow = WebhookAllow.of(infra.settings.webhook_allow)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._none_until = 0.0  # monotonic time up to which "no webhook exists" is taken as known
 
     def wake(self) -> None:
         self._wake.set()
+
+    def webhooks_changed(self) -> None:
+        """A webhook was created here (committed): look again at the next job end."""
+        self._none_until = 0.0
+
+    def _any_webhooks(self) -> bool:
+        """Whether any tenant has a webhook. "None" is remembered for a sweep interval, so a platform without
+        webhooks spends no transaction per job end; one created on another replica is seen by then (and the
+        timer's look below sends whatever became due meanwhile)."""
+        if time.monotonic() < self._none_until:
+            return False
+        with session_scope(self.infra.database_url, read_only=True) as session:
+            if webhook_repo.any_webhooks(session):
+                return True
+        self._none_until = time.monotonic() + self.infra.settings.sweep_interval.total_seconds()
+        return False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -212,12 +229,15 @@ class WebhookSender:
         settings = self.infra.settings
         async with delivery_client(settings.webhook_timeout.total_seconds()) as client:
             while True:
+                woken = True
                 try:
                     await asyncio.wait_for(self._wake.wait(), settings.sweep_interval.total_seconds())
                 except TimeoutError:
-                    pass
+                    woken = False
                 self._wake.clear()
                 try:
+                    if woken and not await run_in_threadpool(self._any_webhooks):
+                        continue  # a job ended, but no one has a webhook to tell
                     while await self.send_due(client):
                         pass
                 except asyncio.CancelledError:

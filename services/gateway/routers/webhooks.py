@@ -2,21 +2,24 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from percept.schemas import ErrorOut, WebhookCreatedOut, WebhookDeliveryOut, WebhookIn, WebhookOut
 from services.gateway.deps import InfraDep, SessionDep, TenantDep
 from services.gateway.routers.jobs import ERRORS
+from services.gateway.transaction import after_commit
 from services.gateway.usecases import webhooks
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
 
 @router.post("", status_code=201, response_model=WebhookCreatedOut, responses={**ERRORS, 422: {"model": ErrorOut}})
-def create_webhook(body: WebhookIn, session: SessionDep, infra: InfraDep, tenant_id: TenantDep) -> WebhookCreatedOut:
+def create_webhook(body: WebhookIn, request: Request, session: SessionDep, infra: InfraDep,
+                   tenant_id: TenantDep) -> WebhookCreatedOut:
     """Subscribe a URL to your jobs' endings. Each delivery is a POST of `{"event", "delivery_id", "job"}`
     with `Percept-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`; keep the secret."""
     webhook = webhooks.create_webhook(session, infra, tenant_id, body.url, body.events)
+    after_commit(session, request.app.state.webhook_sender.webhooks_changed)
     return WebhookCreatedOut(**WebhookOut.of(webhook).model_dump(), secret=webhook.secret)
 
 

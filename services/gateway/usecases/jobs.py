@@ -146,14 +146,13 @@ def _send(session: Session, broker_url: str, kind: str, job_id: str, priority: s
 def _resolve_model(session: Session, tenant_id: str, kind: str, requested: str) -> str:
     """`name` (latest version) or `name:version` -> `name:version`, checked against the registry."""
     name, version = parse_model_ref(requested)
-    versions = [m for m in registry.model_versions(session, tenant_id, name) if m.kind == kind]
+    versions = registry.version_names(session, tenant_id, name, kind)
     if not versions:
         raise NotFound(f"No {kind} model named {name!r}; GET /v1/models lists them.", code="model_not_found")
-    chosen = versions[-1] if not version else next((m for m in versions if m.version == version), None)
-    if chosen is None:
-        raise NotFound(f"Model {name!r} has no version {version!r}; it has "
-                       f"{', '.join(m.version for m in versions)}.", code="model_version_not_found")
-    return f"{chosen.name}:{chosen.version}"
+    if version and version not in versions:
+        raise NotFound(f"Model {name!r} has no version {version!r}; it has {', '.join(versions)}.",
+                       code="model_version_not_found")
+    return f"{name}:{version or versions[-1]}"
 
 
 def _replay(existing: Job, fingerprint: str) -> Job:
@@ -179,7 +178,7 @@ def read_job(session: Session, tenant_id: str, job_id: str) -> JobOut:
 def look_up_job(database_url: str, tenant_id: str, job_id: str) -> JobOut:
     """The job as committed now, read in a short session of its own. Waiters (long-polls, event streams)
     look at every wake-up: none holds a database connection while it waits."""
-    with session_scope(database_url) as session:
+    with session_scope(database_url, read_only=True) as session:
         return read_job(session, tenant_id, job_id)
 
 

@@ -1,0 +1,79 @@
+"""The hot path's single statements on a database built by the migrations: a batch's results in one UPDATE (and
+the webhook outbox's trigger still firing for each job), an upload's image row in one round trip."""
+
+import pytest
+from sqlalchemy import select
+
+from percept.cli import replica_threads
+from percept.db import images as image_repo
+from percept.db import jobs as job_repo
+from percept.db import webhooks as webhook_repo
+from percept.db.ids import new_id
+from percept.db.migrate import upgrade
+from percept.db.models import Image, Job, JobStatus, Webhook, WebhookDelivery
+from percept.db.session import session_scope
+from percept.db.tenants import create_key
+from percept.embedded import start_postgres
+
+
+@pytest.fixture(scope="module")
+def database_url(tmp_path_factory):
+    server, url = start_postgres(tmp_path_factory.mktemp("hotpath"))
+    upgrade(url)
+    yield url
+    server.cleanup()
+
+
+def running_job(session, tenant_id: str) -> str:
+    job = job_repo.queued_job(tenant_id, "classify", "classifier", {"model": "m:1"}, [])
+    session.add(job)
+    session.flush()
+    return job.id
+
+
+def test_a_batch_of_results_is_written_in_one_statement_only_for_the_attempts_that_hold_them(database_url):
+    with session_scope(database_url) as session:
+        tenant, _ = create_key(session, "hot-batch")
+        webhook_repo.add_webhook(session, Webhook(id=new_id("whk"), tenant_id=tenant.id, url="http://x/",
+                                                  events=["job.succeeded"], secret="s"))
+        held, canceled, taken_back = (running_job(session, tenant.id) for _ in range(3))
+        job_repo.claim(session, [held, canceled, taken_back], "worker")
+        session.get(Job, canceled).cancel_requested = True
+        session.flush()
+        results = [(job_id, 2 if job_id == taken_back else 1, {"labels": [job_id]}, {"attempt": 1}, f"text {job_id}")
+                   for job_id in (held, canceled, taken_back)]
+        assert job_repo.succeed_many(session, results) == {held}
+        session.commit()
+    with session_scope(database_url) as session:
+        jobs = {job.id: job for job in session.scalars(select(Job).where(Job.tenant_id == tenant.id))}
+        assert jobs[held].status is JobStatus.SUCCEEDED and jobs[held].output == {"labels": [held]}
+        assert jobs[held].provenance == {"attempt": 1} and jobs[held].search_text == f"text {held}"
+        assert jobs[held].progress == {"done": 1, "total": 1} and jobs[held].finished_at is not None
+        # left for finish() one by one: the canceled one ends canceled there, the other attempt's is not touched
+        assert jobs[canceled].status is JobStatus.RUNNING and jobs[taken_back].status is JobStatus.RUNNING
+        assert [(d.job_id, d.event) for d in session.scalars(select(WebhookDelivery))] == [(held, "job.succeeded")]
+
+
+def test_an_upload_seen_before_keeps_its_image_row(database_url):
+    with session_scope(database_url) as session:
+        tenant, _ = create_key(session, "hot-image")
+        other, _ = create_key(session, "hot-image-other")
+
+        def add(tenant_id: str) -> Image:
+            return image_repo.add_image(session, Image(
+                id=new_id("img"), tenant_id=tenant_id, sha256="ab" * 32, object_key="images/ab", format="JPEG",
+                content_type="image/jpeg", width=2, height=3, bytes=10))
+
+        first, again, others = add(tenant.id), add(tenant.id), add(other.id)
+        assert again.id == first.id and (again.width, again.height) == (2, 3)
+        assert others.id != first.id and others.tenant_id == other.id
+        assert image_repo.object_keys(session, [first.id, others.id]) == {first.id: "images/ab",
+                                                                          others.id: "images/ab"}
+
+
+def test_replicas_of_a_pool_share_the_cores():
+    assert replica_threads(2, 2, {}) == {"OMP_NUM_THREADS": "1"}
+    assert replica_threads(3, 8, {}) == {"OMP_NUM_THREADS": "2"}
+    assert replica_threads(4, 2, {}) == {"OMP_NUM_THREADS": "1"}  # never 0
+    assert replica_threads(1, 8, {}) == {}  # alone: every core
+    assert replica_threads(2, 8, {"OMP_NUM_THREADS": "3"}) == {}  # the user's choice stands
