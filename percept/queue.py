@@ -95,14 +95,18 @@ def publish_job_event(broker_url: str, job_id: str, status: str) -> None:
     publish_job_events(broker_url, [(job_id, status)])
 
 
-def publish_job_events(broker_url: str, events: list[tuple[str, str]]) -> None:
-    """(job id, status) events in one round trip (a batch's), best effort like publish_job_event."""
+def publish_job_events(broker_url: str, events: list[tuple[str, str]], results: dict[str, str] | None = None) -> None:
+    """(job id, status) events in one round trip (a batch's), best effort like publish_job_event. `results`: the
+    job as the API shows it (JobOut's JSON with the `tenant_id`), by job id, for jobs that ended: sent with the
+    event, it answers the gateway's waiters without a database read ("<job id> <status> <json>")."""
     if not events:
         return
+    results = results or {}
     try:
         with redis_client(broker_url).pipeline(transaction=False) as pipe:
             for job_id, status in events:
-                pipe.publish(JOB_EVENTS_CHANNEL, f"{job_id} {status}")
+                result = results.get(job_id)
+                pipe.publish(JOB_EVENTS_CHANNEL, f"{job_id} {status} {result}" if result else f"{job_id} {status}")
             pipe.execute()
     except redis.RedisError:
         pass

@@ -28,7 +28,7 @@ class GatheringBatches(Batches):
     The Redis transport hands the worker one message per poll, so a backlog trickles in and a
     fixed batch window cuts it into batches of one or two. Here a batch that is not full yet keeps
     taking in messages while the queue is not empty, for at most `gather_seconds`; with an empty
-    queue (a lone request) it runs at the next tick, so a single request pays no extra wait.
+    queue (a lone request) it runs as it arrives, so a single request pays no extra wait.
     """
 
     abstract = True
@@ -36,6 +36,16 @@ class GatheringBatches(Batches):
     queue_name: str = ""
     gather_seconds: float = 0.05
     _gathering_since: float | None = None
+
+    def Strategy(self, task: Any, app: Celery, consumer: Any) -> Any:
+        """celery-batches' message handler, then a look at once: a message that arrives with none waiting behind
+        it (a lone request) runs now, not at the timer's next tick; one with more behind it waits for them."""
+        handle = super().Strategy(task, app, consumer)
+
+        def handle_and_look(*args: Any, **kwargs: Any) -> None:
+            handle(*args, **kwargs)
+            self._do_flush()
+        return handle_and_look
 
     def _do_flush(self) -> None:
         buffered = self._buffer.qsize()
@@ -76,11 +86,11 @@ def create_worker_app(infra: Infra, pool: WorkerPool) -> Celery:
     @worker_process_init.connect(weak=False)
     def _reset_after_fork(**_: Any) -> None:
         # Connections and engines made in the parent must not be shared with the child.
-        from percept.db.session import _reader_factory, _session_factory, get_engine
+        from percept.db.session import _autocommit_factory, _session_factory, get_engine
 
         get_engine.cache_clear()
         _session_factory.cache_clear()
-        _reader_factory.cache_clear()
+        _autocommit_factory.cache_clear()
         runtime_holder.clear()
 
     drain.clear()  # this worker process's marker, left in a /tmp that outlived an earlier container

@@ -5,6 +5,7 @@ only a `queued` job can be claimed, and only the attempt that claimed it can wri
 """
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -43,6 +44,7 @@ from percept.predictor import (
     parse_model_ref,
 )
 from percept.queue import publish_job_event, publish_job_events, send_job
+from percept.schemas import JobOut, Priority
 from percept.services import catalog, import_by_name
 from percept.storage import StoredCache, object_key_for
 from percept.version import code_version, library_versions
@@ -98,6 +100,7 @@ class ClaimedJob:
     started_at: datetime
     parent_id: str | None = None
     priority: str = "normal"  # the tenant's, as the job was submitted: sent again at the same priority
+    deadline_at: datetime | None = None
     request: PredictRequest | None = None
     model_info: ModelInfo | None = None
     image_keys: list[str] = field(default_factory=list)  # the input images' object keys
@@ -182,33 +185,39 @@ class JobRuntime:
         self.models = models or ModelCache()
         self.inference_deadline = inference_deadline
         self.worker_name = f"{HOST}:{os.getpid()}"
+        self._builtin_rows: dict[str, Model] = {}  # "name:version" -> the registry row of a built-in model
 
-    # 1. Claim, in one transaction with what the claimed jobs need from the database
+    # 1. Claim (one conditional UPDATE, which also reads where the input images are), then the models
     def _claim(self, job_ids: list[str]) -> list[ClaimedJob]:
-        with session_scope(self.infra.database_url) as session:
+        with session_scope(self.infra.database_url, autocommit=True) as session:
             claimed = [ClaimedJob(job.id, job.tenant_id, job.kind, job.attempts, job.model_name or "", job.params,
                                   job.inputs, job.created_at, job.started_at or job.created_at, job.parent_id,
-                                  job.priority)
+                                  job.priority, job.deadline_at, image_keys=job.image_keys or [])
                        for job in job_repo.claim(session, list(dict.fromkeys(job_ids)), self.worker_name)]
             inference = [job for job in claimed if is_inference(job.kind)]
-            keys = image_repo.object_keys(
-                session, [item["image_id"] for job in inference for item in job.inputs]) if inference else {}
             for job in inference:
-                job.image_keys = [keys[item["image_id"]] for item in job.inputs]
+                if len(job.image_keys) != len(job.inputs):
+                    job.error = {"code": "input_not_found", "message": "An input image of this job was deleted "
+                                                                      "before it ran; upload it again."}
             self._find_models(session, inference)
-            session.commit()
         for job_id in set(job_ids) - {job.id for job in claimed}:
             log.info("job %s is not queued any more; nothing to do", job_id)
         publish_job_events(self.infra.broker_url, [(job.id, "running") for job in claimed])
         return claimed
 
     def _find_models(self, session: Session, jobs: list[ClaimedJob]) -> None:
-        """Each job's registry row, looked up once per (tenant, model name)."""
+        """Each job's registry row, looked up once per (tenant, model name). A built-in model's row is kept for the
+        process's life (no tenant can delete or change one); a tenant's is looked up every time, so a job for a
+        model deleted meanwhile fails `model_not_found`."""
         rows: dict[tuple[str, str], Model | None] = {}
         for job in jobs:
             ref = (job.tenant_id, job.model_name)
             if ref not in rows:
-                rows[ref] = registry.find_version(session, job.tenant_id, *parse_model_ref(job.model_name))
+                row = self._builtin_rows.get(job.model_name) or registry.find_version(
+                    session, job.tenant_id, *parse_model_ref(job.model_name))
+                if row is not None and row.tenant_id is None:
+                    self._builtin_rows[job.model_name] = row
+                rows[ref] = row
             job.model_row = rows[ref]
 
     # 2. Inputs: the images' bytes, decoded at no more than the size the model needs
@@ -488,46 +497,59 @@ class JobRuntime:
 
     # 4. Write output and provenance in one transaction, then notify waiters
     def _write_results(self, jobs: list[ClaimedJob]) -> None:
-        written = []
-        with session_scope(self.infra.database_url) as session:
-            done = self._write_plain_successes(session, [job for job in jobs if not job.waiting])
-            written += [(job_id, JobStatus.SUCCEEDED.value) for job_id in sorted(done)]
-            for job in jobs:
-                if job.waiting or job.id in done:
-                    continue
-                status = self._write_result(session, job)
-                if status is not None:
-                    written.append((job.id, status.value))
-            # Children that ended bring their parents' progress up to date, in the same transaction (and wake
-            # the parent of a last child), so a parent never misses the end of one.
-            parents = job_repo.wake_parents(session, [job.parent_id for job in jobs
-                                                      if job.parent_id and not job.waiting])
-            woken = [(parent.kind, parent.id, parent.priority, status) for parent, status in parents]
-            session.commit()
-        publish_job_events(self.infra.broker_url, written)
+        ending = [job for job in jobs if not job.waiting]
+        done = self._write_plain_successes(ending)
+        written = [(job_id, JobStatus.SUCCEEDED.value) for job_id in done]
+        rest = [job for job in ending if job.id not in done]
+        woken: list[tuple[str, str, str, JobStatus]] = []
+        if rest:
+            with session_scope(self.infra.database_url) as session:
+                for job in rest:
+                    status = self._write_result(session, job)
+                    if status is not None:
+                        written.append((job.id, status.value))
+                # Children that ended bring their parents' progress up to date, in the same transaction (and wake
+                # the parent of a last child), so a parent never misses the end of one.
+                parents = job_repo.wake_parents(session, [job.parent_id for job in rest if job.parent_id])
+                woken = [(parent.kind, parent.id, parent.priority, status) for parent, status in parents]
+                session.commit()
+        publish_job_events(self.infra.broker_url, written, done)
         send_woken_parents(self.infra.broker_url, woken)
 
-    def _write_plain_successes(self, session: Session, jobs: list[ClaimedJob]) -> set[str]:
-        """The succeeded jobs with nothing to do beside their row (no finalizer, no model to register: a batch of
-        classifications) written in one statement; the ids written. Any other job, or all of them if the
-        statement fails, is written one by one (_write_result)."""
+    def _write_plain_successes(self, jobs: list[ClaimedJob]) -> dict[str, str]:
+        """The succeeded jobs with nothing to write beside their row (no finalizer, no model to register, no parent
+        to bring up to date: a batch of classifications) in one statement of its own; the ids written. Every
+        other job, or all of them if the statement fails, is written one by one (_write_result). Returns each written
+        job as the API shows it (JobOut's JSON, with its tenant), by id: its end's event carries it to the waiters."""
         plain = [job for job in jobs if job.error is None and job.output is not None and job.register is None
-                 and finalizer_of(job.kind) is None]
+                 and job.parent_id is None and finalizer_of(job.kind) is None]
         if not plain:
-            return set()
-        try:
-            with session.begin_nested():
-                return job_repo.succeed_many(session, [
-                    (job.id, job.attempt, job.output, self._provenance(job), search_text_of(job.kind, job.output))
-                    for job in plain])
-        except (DependencyUnavailable, OperationalError):
-            raise
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise
-            log.warning("writing %d results in one statement failed (%s); writing them one by one", len(plain),
-                        exc.__class__.__name__)
-            return set()
+            return {}
+        provenances = {job.id: self._provenance(job) for job in plain}
+        results = [(job.id, job.attempt, job.output, provenances[job.id], search_text_of(job.kind, job.output))
+                   for job in plain]
+        with session_scope(self.infra.database_url, autocommit=True) as session:
+            try:
+                finished = job_repo.succeed_many(session, results)
+            except OperationalError:
+                raise  # the database is away: session_scope makes it DependencyUnavailable (see run)
+            except DBAPIError as exc:  # a value the database refused: nothing was written (one statement)
+                if exc.connection_invalidated:
+                    raise
+                log.warning("writing %d results in one statement failed (%s); writing them one by one",
+                            len(plain), exc.__class__.__name__)
+                return {}
+        return {job.id: self._as_shown(job, finished[job.id], provenances[job.id]) for job in plain
+                if job.id in finished}
+
+    @staticmethod
+    def _as_shown(job: ClaimedJob, finished_at: datetime, provenance: dict[str, Any]) -> str:
+        """A plain job just succeeded, as GET /v1/jobs/{id} shows it (what its row now holds), with its tenant."""
+        shown = JobOut(id=job.id, kind=job.kind, status="succeeded", created_at=job.created_at,
+                       started_at=job.started_at, finished_at=finished_at, progress={"done": 1, "total": 1},
+                       params=job.params, output=job.output, error=None, provenance=provenance, attempts=job.attempt,
+                       priority=cast(Priority, job.priority), deadline_at=job.deadline_at, parent_id=None)
+        return json.dumps({**shown.model_dump(mode="json"), "tenant_id": job.tenant_id})
 
     def _write_result(self, session: Session, job: ClaimedJob) -> JobStatus | None:
         """One job's result with its side effects (its finalizer's, a model to register), in a savepoint of

@@ -18,11 +18,6 @@ def get_images(session: Session, image_ids: list[str]) -> dict[str, Image]:
     return {img.id: img for img in session.scalars(select(Image).where(Image.id.in_(image_ids)))}
 
 
-def object_keys(session: Session, image_ids: list[str]) -> dict[str, str]:
-    """Where each image's bytes are stored, by image id."""
-    return dict(session.execute(select(Image.id, Image.object_key).where(Image.id.in_(image_ids))).tuples().all())
-
-
 def add_image(session: Session, image: Image) -> Image:
     """Insert unless the tenant already has these bytes; either way return the stored row. One statement: the
     row inserted, else the one there (a second look only when another request inserted it meanwhile, which the

@@ -4,20 +4,27 @@ Every transition is one conditional UPDATE, so two workers (a redelivered or dup
 can never both run a job, and a worker whose lease was taken back cannot write a result.
 """
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Float, Integer, Row, String, Text, cast, column, func, or_, select, update
-from sqlalchemy import values as values_of
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import Float, Row, bindparam, cast, func, insert, literal_column, null, or_, select, text, update
+from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from percept.db.ids import new_id
-from percept.db.models import Job, JobStatus, Priority, Tenant
+from percept.db.models import Job, JobStatus, Model, Priority, Tenant
 from percept.db.session import rowcount
 
 PENDING = (JobStatus.QUEUED, JobStatus.RUNNING)
+# The hot path's statements (submit, claim, finish) are built once, in Core on the table (no ORM unit of work or
+# bulk-update machinery, no objects built), so each run reuses the compiled form without working out its cache
+# key again.
+_JOBS: Any = Job.__table__
+# What a new job's INSERT writes (the rest are the server's defaults: created_at, queued_at).
+_INSERTED = tuple(column.key for column in _JOBS.columns if column.key not in ("created_at", "queued_at"))
+_INSERT_JOB = insert(_JOBS).returning(_JOBS.c.created_at, _JOBS.c.queued_at)
 IDEMPOTENCY_KEY_INDEX = "uq_jobs_tenant_id_idempotency_key"
 
 
@@ -76,16 +83,17 @@ def tenant_priority(session: Session, tenant_id: str) -> str:
 
 
 def add_job(session: Session, job: Job) -> bool:
-    """Insert the job; False when the tenant's Idempotency-Key is already taken, by a concurrent request
-    too (the insert waits for it to commit). Only the savepoint is undone then, not the caller's work.
-    Without a key nothing can collide: one INSERT, no savepoint round trips."""
+    """Insert the job (one Core INSERT: `job` stays a plain object, not one the session tracks; it gets the row's
+    server defaults); False when the tenant's Idempotency-Key is already taken, by a concurrent request too (the
+    insert waits for it to commit). Only the savepoint is undone then, not the caller's work. Without a key nothing
+    can collide: no savepoint round trips."""
+    values = {name: value for name in _INSERTED if (value := getattr(job, name)) is not None}
     if job.idempotency_key is None:
-        session.add(job)
-        session.flush()
+        job.created_at, job.queued_at = session.execute(_INSERT_JOB, values).one()
         return True
     try:
         with session.begin_nested():
-            session.add(job)
+            job.created_at, job.queued_at = session.execute(_INSERT_JOB, values).one()
     except IntegrityError as exc:
         if getattr(getattr(exc.orig, "diag", None), "constraint_name", None) != IDEMPOTENCY_KEY_INDEX:
             raise
@@ -93,20 +101,37 @@ def add_job(session: Session, job: Job) -> bool:
     return True
 
 
-def lock_submissions(session: Session, tenant_id: str) -> str:
+def _submission_lock(versions: bool) -> Any:
+    tenant_id: Any = bindparam("tenant_id")
+    versions_of_model = (select(func.array_agg(aggregate_order_by(Model.version, Model.id)))
+                         .where(or_(Model.tenant_id.is_(None), Model.tenant_id == tenant_id),
+                                Model.name == bindparam("name"), Model.kind == bindparam("kind")).scalar_subquery())
+    return select(func.pg_advisory_xact_lock(func.hashtext(bindparam("lock_key"))),
+                  select(Tenant.priority).where(Tenant.id == tenant_id).scalar_subquery(),
+                  versions_of_model if versions else null())
+
+
+_LOCK = {False: _submission_lock(False), True: _submission_lock(True)}
+_COUNT_PENDING = select(func.count()).select_from(_JOBS).where(_JOBS.c.tenant_id == bindparam("tenant_id"),
+                                                                 _JOBS.c.status.in_(PENDING))
+
+
+def lock_submissions(session: Session, tenant_id: str, model: tuple[str, str] | None = None
+                     ) -> tuple[str, list[str]]:
     """Serialise the tenant's job submissions until this transaction ends: a submit that counts the pending
     jobs and then inserts one must not race another (both would see room under the quota). Other tenants
-    are not held up. Returns the priority the tenant's new jobs are queued at, read in the same round trip
-    (nothing the lock guards: the pending count must be read after it, in a statement of its own)."""
-    _, priority = session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"jobs/{tenant_id}")),
-                                         select(Tenant.priority).where(Tenant.id == tenant_id).scalar_subquery())
-                                  ).one()
-    return priority or Priority.NORMAL.value
+    are not held up. Returns the priority the tenant's new jobs are queued at and, for `model` (name, kind), the
+    versions of it the tenant may use, oldest first, read in the same round trip (nothing the lock guards: the
+    pending count must be read after it, in a statement of its own)."""
+    params = {"lock_key": f"jobs/{tenant_id}", "tenant_id": tenant_id}
+    if model is not None:
+        params |= {"name": model[0], "kind": model[1]}
+    _, priority, found = session.execute(_LOCK[model is not None], params).one()
+    return priority or Priority.NORMAL.value, found or []
 
 
 def count_pending(session: Session, tenant_id: str) -> int:
-    return session.scalar(select(func.count()).select_from(Job)
-                          .where(Job.tenant_id == tenant_id, Job.status.in_(PENDING))) or 0
+    return session.scalar(_COUNT_PENDING, {"tenant_id": tenant_id}) or 0
 
 
 def list_jobs(session: Session, tenant_id: str, *, kind: str | None = None, status: str | None = None,
@@ -129,20 +154,27 @@ def list_jobs(session: Session, tenant_id: str, *, kind: str | None = None, stat
 
 
 # What a worker reads of a job it claims (rows, not ORM objects: the hot path builds none).
-CLAIMED_COLUMNS = (Job.id, Job.tenant_id, Job.kind, Job.attempts, Job.model_name, Job.params, Job.inputs,
-                   Job.created_at, Job.started_at, Job.parent_id, Job.priority)
+# `image_keys`: where the input images' bytes are, in input order (an image deleted meanwhile is left out).
+_IMAGE_KEYS: Any = literal_column(
+    "(SELECT array_agg(images.object_key ORDER BY item.ord) FROM jsonb_array_elements(jobs.inputs) "
+    "WITH ORDINALITY AS item(value, ord) JOIN images ON images.id = item.value ->> 'image_id')").label("image_keys")
+CLAIMED_COLUMNS = ("id", "tenant_id", "kind", "attempts", "model_name", "params", "inputs", "created_at",
+                   "started_at", "parent_id", "priority", "deadline_at")
+
+
+_CLAIM = (update(_JOBS)
+          .where(_JOBS.c.id.in_(bindparam("job_ids", expanding=True)), _JOBS.c.status == JobStatus.QUEUED,
+                 _JOBS.c.cancel_requested.is_(False),
+                 or_(_JOBS.c.deadline_at.is_(None), _JOBS.c.deadline_at > func.now()))  # past it: the sweeper ends it
+          .values(status=JobStatus.RUNNING, attempts=_JOBS.c.attempts + 1, worker=bindparam("worker"),
+                  started_at=func.coalesce(_JOBS.c.started_at, func.now()), heartbeat_at=func.now())
+          .returning(*(_JOBS.c[name] for name in CLAIMED_COLUMNS), _IMAGE_KEYS))
 
 
 def claim(session: Session, job_ids: list[str], worker: str) -> list[Row[Any]]:
-    """queued -> running, attempt + 1, in one statement; the claimed jobs' CLAIMED_COLUMNS. Jobs that are not
-    queued (done, running, canceled) are left out."""
-    return list(session.execute(
-        update(Job)
-        .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False),
-               or_(Job.deadline_at.is_(None), Job.deadline_at > func.now()))  # past it: the sweeper ends it
-        .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker,
-                started_at=func.coalesce(Job.started_at, func.now()), heartbeat_at=func.now())
-        .returning(*CLAIMED_COLUMNS)))
+    """queued -> running, attempt + 1, in one statement; the claimed jobs' CLAIMED_COLUMNS and image keys. Jobs
+    that are not queued (done, running, canceled) are left out."""
+    return list(session.execute(_CLAIM, {"job_ids": job_ids, "worker": worker}))
 
 
 def heartbeat(session: Session, job_ids: list[str], worker: str) -> None:
@@ -187,22 +219,28 @@ def finish(session: Session, job_id: str, attempt: int, status: JobStatus, *,
     return status if rowcount(result) == 1 else None
 
 
+# running -> succeeded for many jobs: one constant statement (compiled once), the batch as parallel arrays.
+_SUCCEED_MANY = text("""
+UPDATE jobs SET status = 'succeeded', output = batch.output, error = NULL, finished_at = now(),
+       provenance = batch.provenance, search_text = batch.search_text, progress = '{"done": 1, "total": 1}'
+FROM unnest(CAST(:ids AS varchar[]), CAST(:attempts AS integer[]), CAST(:outputs AS jsonb[]),
+            CAST(:provenances AS jsonb[]), CAST(:search_texts AS text[]))
+     AS batch(id, attempt, output, provenance, search_text)
+WHERE jobs.id = batch.id AND jobs.status = 'running' AND jobs.attempts = batch.attempt AND NOT jobs.cancel_requested
+RETURNING jobs.id, jobs.finished_at""")
+
+
 def succeed_many(session: Session, results: list[tuple[str, int, dict[str, Any] | None, dict[str, Any], str | None]]
-                 ) -> set[str]:
+                 ) -> dict[str, datetime]:
     """running -> succeeded for a batch's jobs, (job id, attempt, output, provenance, search text) each, in one
-    statement: finish()'s success for many. Returns the ids written; a job left out (its cancel was requested,
-    or another attempt holds it) is the caller's to finish() one by one."""
+    statement: finish()'s success for many. Returns the ids written, with the time each finished; a job left out
+    (its cancel was requested, or another attempt holds it) is the caller's to finish() one by one."""
     if not results:
-        return set()
-    batch = values_of(column("id", String), column("attempt", Integer), column("output", JSONB),
-                   column("provenance", JSONB), column("search_text", Text), name="batch").data(results)
-    return set(session.scalars(
-        update(Job).where(Job.id == batch.c.id, Job.status == JobStatus.RUNNING, Job.attempts == batch.c.attempt,
-                          Job.cancel_requested.is_(False))
-        .values(status=JobStatus.SUCCEEDED, output=batch.c.output, error=None, finished_at=func.now(),
-                provenance=batch.c.provenance, search_text=batch.c.search_text,
-                progress={"done": 1, "total": 1})
-        .returning(Job.id).execution_options(synchronize_session=False)))
+        return {}
+    ids, attempts, outputs, provenances, texts = zip(*results, strict=True)
+    return dict(session.execute(_SUCCEED_MANY, {
+        "ids": list(ids), "attempts": list(attempts), "outputs": [json.dumps(o) for o in outputs],
+        "provenances": [json.dumps(p) for p in provenances], "search_texts": list(texts)}).tuples().all())
 
 
 def release(session: Session, job_id: str, attempt: int) -> JobStatus | None:

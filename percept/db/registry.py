@@ -24,12 +24,6 @@ def model_versions(session: Session, tenant_id: str, name: str) -> list[Model]:
         select(Model).where(visible(tenant_id), Model.name == name).order_by(Model.id)))
 
 
-def version_names(session: Session, tenant_id: str, name: str, kind: str) -> list[str]:
-    """The versions of the model of this name and kind the tenant may use, oldest first."""
-    return list(session.scalars(select(Model.version).where(visible(tenant_id), Model.name == name,
-                                                            Model.kind == kind).order_by(Model.id)))
-
-
 def get_model(session: Session, tenant_id: str, model_id: int) -> Model | None:
     """A model the tenant may use, by registry id."""
     return session.scalar(select(Model).where(visible(tenant_id), Model.id == model_id))

@@ -30,16 +30,17 @@ def _session_factory(url: str) -> sessionmaker[Session]:
 
 
 @lru_cache(maxsize=8)
-def _reader_factory(url: str) -> sessionmaker[Session]:
-    # Each statement its own transaction: no BEGIN or ROLLBACK round trips around a single read.
+def _autocommit_factory(url: str) -> sessionmaker[Session]:
+    # Each statement its own transaction: no BEGIN, COMMIT or ROLLBACK round trips around a single statement.
     return sessionmaker(get_engine(url).execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
 
 
 @contextmanager
-def session_scope(url: str, *, read_only: bool = False) -> Iterator[Session]:
-    """A session whose caller commits; rolled back on error. Connection failures become 503s. `read_only`: for a
-    look that reads once (or needs no one snapshot across its reads), with no transaction around it."""
-    session = (_reader_factory if read_only else _session_factory)(url)()
+def session_scope(url: str, *, autocommit: bool = False) -> Iterator[Session]:
+    """A session whose caller commits; rolled back on error. Connection failures become 503s. `autocommit`: each
+    statement commits as it runs, for work whose statements need not stand or fall together (one read, one
+    conditional UPDATE), at no transaction's round trips."""
+    session = (_autocommit_factory if autocommit else _session_factory)(url)()
     try:
         yield session
     except DataError as exc:  # a value the database cannot hold: NUL bytes in text, numbers out of range

@@ -1,10 +1,12 @@
 """Wakes long-polls and SSE streams when a worker reports a job change (Redis pub/sub).
 
 Waiters re-read the job from Postgres on every wake-up and at least every second, so a lost
-message or a broker outage only slows them down; Postgres stays the record.
+message or a broker outage only slows them down; Postgres stays the record. An event that carries the ended
+job (a plain success: the worker wrote exactly that) answers its waiters without the read.
 """
 
 import asyncio
+import json
 import logging
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -13,6 +15,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 
 from percept.queue import JOB_EVENTS_CHANNEL, redis_client_url
+from percept.schemas import JobOut
 
 log = logging.getLogger(__name__)
 RECHECK_SECONDS = 1.0
@@ -28,6 +31,9 @@ class JobEvents:
         self._waiters: dict[str, dict[asyncio.Event, bool]] = defaultdict(dict)
         self._task: asyncio.Task | None = None
         self._ended: OrderedDict[str, None] = OrderedDict()
+        # An ended job's result as its event carried it (JobOut's JSON with its tenant), kept only while someone
+        # waits for that job: it answers them without a database read.
+        self._results: dict[str, str] = {}
         self.on_ended: Callable[[], None] | None = None  # told when any job ends (webhook sender)
 
     def start(self) -> None:
@@ -46,8 +52,9 @@ class JobEvents:
                     await pubsub.subscribe(JOB_EVENTS_CHANNEL)
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
-                            job_id, _, status = message["data"].decode().partition(" ")
-                            self._wake(job_id, status in TERMINAL)
+                            job_id, _, rest = message["data"].decode().partition(" ")
+                            status, _, result = rest.partition(" ")
+                            self._wake(job_id, status in TERMINAL, result or None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # broker down: waiters fall back to their timer
@@ -56,7 +63,9 @@ class JobEvents:
             finally:
                 await client.aclose()
 
-    def _wake(self, job_id: str, terminal: bool) -> None:
+    def _wake(self, job_id: str, terminal: bool, result: str | None = None) -> None:
+        if terminal and result is not None and job_id in self._waiters:
+            self._results[job_id] = result
         if terminal:
             if self.on_ended is not None:
                 self.on_ended()
@@ -81,6 +90,15 @@ class JobEvents:
             self._waiters[job_id].pop(event, None)
             if not self._waiters[job_id]:
                 del self._waiters[job_id]
+                self._results.pop(job_id, None)
+
+    def result(self, job_id: str, tenant_id: str) -> JobOut | None:
+        """The ended job as its event carried it, if one did while this job was watched and it is the tenant's."""
+        carried = self._results.get(job_id)
+        if carried is None:
+            return None
+        job = json.loads(carried)
+        return JobOut.model_validate(job) if job.get("tenant_id") == tenant_id else None
 
 
 async def wait_for_change(event: asyncio.Event, timeout: float) -> None:

@@ -211,7 +211,7 @@ class WebhookSender:
         timer's look below sends whatever became due meanwhile)."""
         if time.monotonic() < self._none_until:
             return False
-        with session_scope(self.infra.database_url, read_only=True) as session:
+        with session_scope(self.infra.database_url, autocommit=True) as session:
             if webhook_repo.any_webhooks(session):
                 return True
         self._none_until = time.monotonic() + self.infra.settings.sweep_interval.total_seconds()

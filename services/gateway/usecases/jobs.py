@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from percept.db import jobs as job_repo
-from percept.db import registry
 from percept.db.models import Job, JobStatus
 from percept.db.session import session_scope
 from percept.errors import Conflict, DependencyUnavailable, InvalidInput, NotFound, QuotaExceeded
@@ -70,13 +69,14 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
     fingerprint = request.fingerprint()  # of the request as sent: a replay matches after a new model version
     params = {**request.params, **request.chosen}
     requested = request.model or kind.default_model
-    if requested is not None:
-        params["model"] = _resolve_model(session, tenant_id, kind.serves, requested)
-    # A seed the platform chose makes every request different: nothing to reuse, nor to be reused.
-    reuse_key = request.reuse_key(params) if kind.deterministic and not request.chosen else None
+    ref = parse_model_ref(requested) if requested is not None else None
     # Held until the request commits: the quota check and the insert are one step for the tenant. Taken
     # before the replay lookup, so a request that waited here sees the job of one with its key.
-    priority = job_repo.lock_submissions(session, tenant_id)
+    priority, versions = job_repo.lock_submissions(session, tenant_id, (ref[0], kind.serves) if ref else None)
+    if ref is not None:
+        params["model"] = _resolve_model(kind.serves, *ref, versions)
+    # A seed the platform chose makes every request different: nothing to reuse, nor to be reused.
+    reuse_key = request.reuse_key(params) if kind.deterministic and not request.chosen else None
     if request.idempotency_key:
         existing = job_repo.find_by_idempotency_key(session, tenant_id, request.idempotency_key)
         if existing is not None:
@@ -143,10 +143,9 @@ def _send(session: Session, broker_url: str, kind: str, job_id: str, priority: s
         raise
 
 
-def _resolve_model(session: Session, tenant_id: str, kind: str, requested: str) -> str:
-    """`name` (latest version) or `name:version` -> `name:version`, checked against the registry."""
-    name, version = parse_model_ref(requested)
-    versions = registry.version_names(session, tenant_id, name, kind)
+def _resolve_model(kind: str, name: str, version: str | None, versions: list[str]) -> str:
+    """`name` (latest version) or `name:version` -> `name:version`, checked against the registry's `versions` of
+    the model (oldest first)."""
     if not versions:
         raise NotFound(f"No {kind} model named {name!r}; GET /v1/models lists them.", code="model_not_found")
     if version and version not in versions:
@@ -178,7 +177,7 @@ def read_job(session: Session, tenant_id: str, job_id: str) -> JobOut:
 def look_up_job(database_url: str, tenant_id: str, job_id: str) -> JobOut:
     """The job as committed now, read in a short session of its own. Waiters (long-polls, event streams)
     look at every wake-up: none holds a database connection while it waits."""
-    with session_scope(database_url, read_only=True) as session:
+    with session_scope(database_url, autocommit=True) as session:
         return read_job(session, tenant_id, job_id)
 
 
@@ -247,7 +246,9 @@ async def wait_for_job(infra: Infra, events: JobEvents, tenant_id: str, job_id: 
         job = known
         while True:
             if job is None:
-                job = await run_in_threadpool(look_up_job, infra.database_url, tenant_id, job_id)
+                job = events.result(job_id, tenant_id)  # the end's event brought the job: no read
+                if job is None:
+                    job = await run_in_threadpool(look_up_job, infra.database_url, tenant_id, job_id)
             remaining = deadline - loop.time()
             if JobStatus(job.status).is_terminal() or remaining <= 0:
                 return job
