@@ -57,7 +57,7 @@ def serving_rows(args: argparse.Namespace) -> list[Row]:
     for name, cells in zip(results, serving.comparison_rows(results), strict=True):
         label, p50, p99, outside, rate, share = cells
         also = ""
-        if name == "percept":
+        if name.startswith("percept"):
             also = "gateway RSS " + serving.min_median([f.gateway_rss_mb for f in results[name]], 0) + " MB"
         rows.append(row(label, p50, p99, outside, rate + " images/s", share, also))
     return rows

@@ -29,8 +29,14 @@ sys.path.insert(0, str(ROOT))
 from bench.peers.run import PEERS, peer_version, running_peer  # noqa: E402
 
 CONCURRENCY = 16
-SYSTEMS = ("percept", "direct", "ray", "bentoml", "fastapi")
-LABELS = {"percept": "Percept API (POST /v1/classify, multipart, `Prefer: wait=30, no-reuse`)",
+SYSTEMS = ("percept", "percept-2", "direct", "ray", "bentoml", "fastapi")
+# How `percept run` is started for each Percept row: one classifier worker on every core, or two sharing them
+# (`--workers classifier,classifier`: each model on cores / 2 threads, while one batch runs the other is gathered).
+PERCEPT_POOLS = {"percept": "classifier", "percept-2": "classifier,classifier"}
+LABELS = {"percept": "Percept API (POST /v1/classify, multipart, `Prefer: wait=30, no-reuse`), one classifier "
+                     "worker",
+          "percept-2": "Percept API, two classifier workers sharing the cores (`percept run --workers "
+                       "classifier,classifier`)",
           "direct": "direct predictor (batch 1 latency / batch 16)",
           **{name: PEERS[name][0] for name in PEERS}}
 # Distinct photos (and qualities), so no cache or result reuse can answer a request without the model.
@@ -79,10 +85,11 @@ def percept_answer(response: httpx.Response) -> dict:
 
 
 @contextmanager
-def percept_endpoint() -> Iterator[tuple[Endpoint, Callable[[], float]]]:
-    """`percept run` with its classifier pool only: what a user serving the classifier runs (its worker takes
-    the device from PERCEPT_DEVICE, which --device sets); (the endpoint, the gateway's RSS in MB)."""
-    with running_platform("classifier") as (url, key, gateway):
+def percept_endpoint(pools: str = "classifier") -> Iterator[tuple[Endpoint, Callable[[], float]]]:
+    """`percept run` with its classifier pool only (`pools`: once, or twice): what a user serving the classifier
+    runs (its worker takes the device from PERCEPT_DEVICE, which --device sets); (the endpoint, the gateway's RSS
+    in MB)."""
+    with running_platform(pools) as (url, key, gateway):
         yield (Endpoint(url, "/v1/classify", {"Authorization": f"Bearer {key}", "Prefer": "wait=30, no-reuse"},
                         percept_answer, lambda job: job["provenance"]["timings_ms"]["inference"]),
                lambda: gateway.memory_info().rss / 2**20)
@@ -136,8 +143,8 @@ def measure_direct(seconds: float) -> Figures:
 def measure_system(name: str, jpegs: list[bytes], args: argparse.Namespace) -> Figures:
     if name == "direct":
         return measure_direct(min(args.seconds, 5.0))
-    if name == "percept":
-        with percept_endpoint() as (endpoint, gateway_rss):
+    if name in PERCEPT_POOLS:
+        with percept_endpoint(PERCEPT_POOLS[name]) as (endpoint, gateway_rss):
             figures = measure_endpoint(endpoint, jpegs, args.requests, args.seconds)
             figures.gateway_rss_mb = gateway_rss()
             return figures

@@ -1,6 +1,8 @@
 """Image records. The bytes live in object storage under their content address."""
 
-from sqlalchemy import select
+from typing import Any
+
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -18,17 +20,24 @@ def get_images(session: Session, image_ids: list[str]) -> dict[str, Image]:
     return {img.id: img for img in session.scalars(select(Image).where(Image.id.in_(image_ids)))}
 
 
+# One statement, built once: insert unless the tenant has these bytes, then the row inserted, else the one there.
+_IMAGES: Any = Image.__table__
+_WRITTEN = tuple(column.key for column in _IMAGES.columns if column.key != "created_at")
+_SAME = (_IMAGES.c.tenant_id == bindparam("tenant_id"), _IMAGES.c.sha256 == bindparam("sha256"))
+_INSERTED = (insert(_IMAGES).values({key: bindparam(key) for key in _WRITTEN})
+             .on_conflict_do_nothing(index_elements=[_IMAGES.c.tenant_id, _IMAGES.c.sha256])
+             .returning(*_IMAGES.columns).cte("inserted"))
+_ADD_IMAGE = select(_INSERTED).union_all(select(*_IMAGES.columns).where(*_SAME)).limit(1)
+_FIND_IMAGE = select(*_IMAGES.columns).where(*_SAME)
+
+
 def add_image(session: Session, image: Image) -> Image:
-    """Insert unless the tenant already has these bytes; either way return the stored row. One statement: the
-    row inserted, else the one there (a second look only when another request inserted it meanwhile, which the
-    statement's snapshot cannot see)."""
-    values = {c.name: getattr(image, c.name) for c in Image.__table__.columns if c.name != "created_at"}
-    same = (Image.tenant_id == image.tenant_id, Image.sha256 == image.sha256)
-    inserted = (insert(Image).values(**values).on_conflict_do_nothing(index_elements=[Image.tenant_id, Image.sha256])
-                .returning(*Image.__table__.columns).cte("inserted"))
-    either = select(inserted).union_all(select(*Image.__table__.columns).where(*same)).limit(1)
-    found = session.scalars(select(Image).from_statement(either)).first()
-    return found if found is not None else session.scalars(select(Image).where(*same)).one()
+    """Insert unless the tenant already has these bytes; either way return the stored row (as a plain object, not
+    one the session tracks). One statement; a second look only when another request inserted the row meanwhile,
+    which the statement's snapshot cannot see."""
+    values = {key: getattr(image, key) for key in _WRITTEN}
+    row = session.execute(_ADD_IMAGE, values).first() or session.execute(_FIND_IMAGE, values).one()
+    return Image(**row._mapping)
 
 
 def add_job_image(session: Session, store: ObjectStore, max_pixels: int, tenant_id: str, job_id: str,

@@ -17,6 +17,7 @@ def get_engine(url: str) -> Engine:
     return create_engine(
         url,
         pool_pre_ping=True,  # a restarted database must not leave dead connections in the pool
+        pool_use_lifo=True,  # the connection used last goes out first: warm, and the idle ones age out
         pool_size=10,
         max_overflow=20,
         pool_timeout=5,

@@ -5,12 +5,10 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
 from percept.errors import ImageTooLarge, InvalidInput, PerceptError
 from percept.infra import Infra
-from services.gateway.usecases.images import image_inputs
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -59,9 +57,10 @@ async def read_image(infra: Infra, upload: UploadFile) -> bytes:
 
 
 async def read_job_request(request: Request, session: Session, infra: Infra, tenant_id: str, params_model: type[P],
-                           image_fields: tuple[str, ...]) -> tuple[P, list[dict[str, str]]]:
-    """The validated parameters, and the job's image inputs in the order of `image_fields` (uploads are
-    stored, image ids checked as the tenant's)."""
+                           image_fields: tuple[str, ...]) -> tuple[P, list[bytes | str]]:
+    """The validated parameters, and the job's images in the order of `image_fields`: uploaded bytes or image ids,
+    which submit_job stores or checks as the tenant's (JobRequest.images) in the request's one trip to a worker
+    thread."""
     content_type = request.headers.get("content-type", "")
     raw: dict = {}
     if content_type.startswith("application/json"):
@@ -88,5 +87,4 @@ async def read_job_request(request: Request, session: Session, infra: Infra, ten
         else:
             raise InvalidInput(f"`{field}` is required: a file part, or an image id from POST /v1/images.",
                                code="missing_image", details={"field": field})
-    params = parse_params(params_model, raw)
-    return params, await run_in_threadpool(image_inputs, session, infra, tenant_id, images)
+    return parse_params(params_model, raw), images

@@ -26,7 +26,7 @@ async def caption(request: Request, response: Response, session: SessionDep, inf
                   prefer: PreferHeader = None) -> JobOut:
     """Caption an image: output `{"captions": [{"text", "log_prob", "tokens"}]}`, best first, distinct. No
     captioner of yours yet: 404 `no_captioner`."""
-    params, inputs = await read_job_request(request, session, infra, tenant_id, CaptionParams, ("image",))
-    submitted = await run_in_threadpool(captions.caption, session, infra, tenant_id, params, inputs,
+    params, images = await read_job_request(request, session, infra, tenant_id, CaptionParams, ("image",))
+    submitted = await run_in_threadpool(captions.caption, session, infra, tenant_id, params, images,
                                         idempotency_key)
     return await accepted(response, session, infra, events, tenant_id, submitted, prefer)

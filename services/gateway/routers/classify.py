@@ -25,10 +25,10 @@ async def classify(request: Request, response: Response, session: SessionDep, in
                    tenant_id: TenantDep, idempotency_key: IdempotencyHeader = None,
                    prefer: PreferHeader = None) -> JobOut:
     """Classify an image: top-k labels, `unknown` under the threshold, and a verdict on `expected_label`."""
-    params, inputs = await read_job_request(request, session, infra, tenant_id, ClassifyParams, ("image",))
+    params, images = await read_job_request(request, session, infra, tenant_id, ClassifyParams, ("image",))
     # unknown_threshold stays null unless given: each model applies its own (a trained model's is
     # calibrated on its validation set; ImageNet's is 0.25).
     submitted = await run_in_threadpool(submit_job, session, infra, tenant_id, JobRequest(
-        kind="classify", params=params.model_dump(), inputs=inputs, model=params.model,
+        kind="classify", params=params.model_dump(), images=images, model=params.model,
         idempotency_key=idempotency_key))
     return await accepted(response, session, infra, events, tenant_id, submitted, prefer)

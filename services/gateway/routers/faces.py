@@ -50,12 +50,12 @@ async def _submit(request: Request, response: Response, session: Session, infra:
                   resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> JobOut:
     """A face job on the kind's default model: read the images and parameters, resolve what the parameters
     name (collections, subjects), submit."""
-    params, inputs = await read_job_request(request, session, infra, tenant_id, params_model, image_fields)
+    params, images = await read_job_request(request, session, infra, tenant_id, params_model, image_fields)
     values = params.model_dump()
     if resolve is not None:
         values = await run_in_threadpool(resolve, values)
     submitted = await run_in_threadpool(submit_job, session, infra, tenant_id, JobRequest(
-        kind=kind, params=values, inputs=inputs, idempotency_key=idempotency_key))
+        kind=kind, params=values, images=images, idempotency_key=idempotency_key))
     return await accepted(response, session, infra, events, tenant_id, submitted, prefer)
 
 

@@ -42,7 +42,7 @@ IdempotencyHeader = Annotated[str | None, Header(max_length=200,
                                                              "bound to its first job)")]
 
 
-def cancel_after_header(session: SessionDep, cancel_after: Annotated[str | None, Header(
+async def cancel_after_header(session: SessionDep, cancel_after: Annotated[str | None, Header(
         alias="Cancel-After", max_length=40, json_schema_extra={"pattern": r"^[0-9]+(\.[0-9]+)?$"},
         description="Seconds (> 0, at most 7 days): a job still queued or "
         "running this long after it was submitted is canceled, with the error code `deadline_exceeded`")] = None,
@@ -50,12 +50,13 @@ def cancel_after_header(session: SessionDep, cancel_after: Annotated[str | None,
     jobs.set_cancel_after(session, cancel_after)
 
 
-def prefer_no_reuse(request: Request, session: SessionDep) -> None:
+async def prefer_no_reuse(request: Request, session: SessionDep) -> None:
     # `Prefer` itself is declared by each route (PreferHeader); this reads its `no-reuse`.
     jobs.set_reuse(session, request.headers.get("prefer"))
 
 
-# Every job-creating POST takes `Cancel-After` and `Prefer: no-reuse` (its route's `dependencies`).
+# Every job-creating POST takes `Cancel-After` and `Prefer: no-reuse` (its route's `dependencies`); both only note
+# the header on the session, so they are async: no trip to a worker thread.
 CANCEL_AFTER = [Depends(cancel_after_header), Depends(prefer_no_reuse)]
 
 

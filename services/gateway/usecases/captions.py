@@ -1,6 +1,5 @@
 """Captioning: caption an image with a tenant's captioner, and train one on a caption dataset."""
 
-from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -10,6 +9,7 @@ from percept.errors import Conflict, InvalidInput, NotFound
 from percept.infra import Infra
 from percept.schemas import CaptionParams, DatasetOut, TrainCaptionerParams
 from services.gateway.usecases.datasets import ready_dataset
+from services.gateway.usecases.images import image_inputs
 from services.gateway.usecases.jobs import JobRequest, submit_job
 
 # The job kinds behind POST /v1/caption and POST /v1/train/captioner; services/captioner declares them.
@@ -67,10 +67,11 @@ def check_caption_params(params: CaptionParams) -> None:
                            details={"min_length": params.min_length, "max_length": params.max_length})
 
 
-def caption(session: Session, infra: Infra, tenant_id: str, params: CaptionParams, inputs: list[dict[str, Any]],
+def caption(session: Session, infra: Infra, tenant_id: str, params: CaptionParams, images: list[bytes | str],
             idempotency_key: str | None) -> tuple[Job, bool]:
     """A caption job with the model asked for, or the tenant's newest captioner (the kind has no built-in)."""
     check_caption_params(params)
+    inputs = image_inputs(session, infra, tenant_id, images)  # a bad image is the first thing to say
     # The params stay as sent (`model` null when left out) so a replay matches after a newer captioner;
     # the job records the model it resolved to.
     model = params.model or _newest_captioner(session, tenant_id)

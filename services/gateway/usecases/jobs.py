@@ -23,6 +23,7 @@ from percept.schemas import JobOut, JobPage
 from percept.services import catalog
 from services.gateway.events import JobEvents, wait_for_change
 from services.gateway.transaction import after_commit, commit
+from services.gateway.usecases.images import image_inputs
 
 # Jobs answered from an earlier job's result, by kind (this gateway process's count; sum the replicas).
 REUSED = Counter("percept_jobs_reused_total", "Jobs answered from an earlier equal job's result, no model run",
@@ -45,6 +46,9 @@ class JobRequest:
     # Parameters the platform chose for the caller (a random seed): recorded with the job, but not part of the
     # request a replay must match.
     chosen: dict[str, Any] = field(default_factory=dict)
+    # Images as the request sent them, uploaded bytes or image ids (read_job_request): submit_job stores or checks
+    # them as the tenant's, and they become the job's first inputs.
+    images: list[bytes | str] = field(default_factory=list)
 
     def reuse_key(self, params: dict[str, Any]) -> str:
         """What makes a deterministic job's result: its kind, resolved parameters (the model's version, the seed)
@@ -64,6 +68,9 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
     A deterministic kind's job equal to one the tenant ran before (same reuse key) is answered from that job's
     result at once, with no model run, unless the request says `Prefer: no-reuse` or `reuse: false`."""
     kind = catalog().kind(request.kind)
+    if request.images:
+        request.inputs = [*image_inputs(session, infra, tenant_id, request.images), *request.inputs]
+        request.images = []
     reuse = (request.params.pop("reuse", True) is not False and not session.info.get(NO_REUSE)
              and infra.settings.result_reuse)
     fingerprint = request.fingerprint()  # of the request as sent: a replay matches after a new model version
