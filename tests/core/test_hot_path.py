@@ -1,7 +1,6 @@
 """The hot path's single statements on a database built by the migrations: a batch's results in one UPDATE (and
 the webhook outbox's trigger still firing for each job), an upload's image row in one round trip."""
 
-import pytest
 from sqlalchemy import select
 
 from percept.cli import replica_threads
@@ -9,19 +8,9 @@ from percept.db import images as image_repo
 from percept.db import jobs as job_repo
 from percept.db import webhooks as webhook_repo
 from percept.db.ids import new_id
-from percept.db.migrate import upgrade
 from percept.db.models import Image, Job, JobStatus, Webhook, WebhookDelivery
 from percept.db.session import session_scope
 from percept.db.tenants import create_key
-from percept.embedded import start_postgres
-
-
-@pytest.fixture(scope="module")
-def database_url(tmp_path_factory):
-    server, url = start_postgres(tmp_path_factory.mktemp("hotpath"))
-    upgrade(url)
-    yield url
-    server.cleanup()
 
 
 def running_job(session, tenant_id: str) -> str:

@@ -3,27 +3,16 @@ transaction that ends a job, and the leasing that lets several gateways send fro
 
 from datetime import timedelta
 
-import pytest
 from sqlalchemy import select, update
 
 from percept.db import jobs as job_repo
 from percept.db import webhooks as webhook_repo
 from percept.db.ids import new_id
-from percept.db.migrate import upgrade
 from percept.db.models import Job, JobStatus, Webhook, WebhookDelivery
 from percept.db.session import session_scope
 from percept.db.tenants import create_key
-from percept.embedded import start_postgres
 
 LEASE = timedelta(seconds=30)
-
-
-@pytest.fixture(scope="module")
-def database_url(tmp_path_factory):
-    server, url = start_postgres(tmp_path_factory.mktemp("outbox"))
-    upgrade(url)
-    yield url
-    server.cleanup()
 
 
 def new_job(session, tenant_id: str) -> str:
