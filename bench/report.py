@@ -1,11 +1,12 @@
 """`make bench`: one table of Percept's figures on this machine, the classifier side by side with the direct
-predictor and the serving frameworks a user would pick instead (bench/serving.py, bench/peers/), then face
+predictor and the serving frameworks a user would pick instead (bench/serving.py, bench/peers/), result reuse (a
+repeated classify answered from the first job), then face
 identify at 10k / 100k / 1M (bench/faces.py), captioning and text-to-image throughput and overhead
 (bench/captioner.py, bench/diffusion.py), classifier training time per 1,000 images, each worker's cold start
 and RSS and the gateway's (bench/coldstart.py).
 
 Run: make bench   (or .venv/bin/python bench/report.py [--runs 2] [--seconds 10] [--face-sizes 10000,100000]
-     [--parts serving,faces,captioning,diffusion,coldstart] [--update-readme] [--device auto|cpu|cuda|cuda:N])
+     [--parts serving,reuse,faces,captioning,diffusion,coldstart] [--update-readme] [--device auto|cpu|cuda|cuda:N])
 
 The parts' own progress goes to stderr; stdout is the table. The table is also written to
 .data/bench/last-run.md, and with --update-readme into README.md between the bench-table markers.
@@ -30,7 +31,7 @@ from harness import ROOT, add_device_argument, apply_device
 
 from percept.db import faces as face_search
 
-PARTS = ("serving", "faces", "captioning", "diffusion", "coldstart")
+PARTS = ("serving", "reuse", "faces", "captioning", "diffusion", "coldstart")
 HEADER = ["system / measurement", "c=1 p50", "c=1 p99", "c=1 outside the model", "c=16 throughput",
           "c=16 / direct batch 16", "also"]
 README_START, README_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
@@ -61,6 +62,16 @@ def serving_rows(args: argparse.Namespace) -> list[Row]:
             also = "gateway RSS " + serving.min_median([f.gateway_rss_mb for f in results[name]], 0) + " MB"
         rows.append(row(label, p50, p99, outside, rate + " images/s", share, also))
     return rows
+
+
+def reuse_rows(args: argparse.Namespace) -> list[Row]:
+    figures = serving.measure_reuse(args.reuse_repeats)
+    log(f"  reuse: {figures.reused} of {figures.repeats} repeats reused, p50 {figures.repeat_p50_ms:.1f} ms")
+    return [row("result reuse: a classify of an image classified before (POST /v1/classify, `Prefer: wait=30`)",
+                f"{figures.repeat_p50_ms:.1f} ms", f"{figures.repeat_p99_ms:.1f} ms",
+                also=f"{figures.reused} of {figures.repeats} answered from the first job, no model run "
+                     f"(percept_jobs_reused_total{{kind=\"classify\"}} {figures.counted:.0f}); the first "
+                     f"classification of each: p50 {figures.first_p50_ms:.1f} ms")]
 
 
 def face_rows(args: argparse.Namespace) -> list[Row]:
@@ -166,6 +177,7 @@ def main() -> None:
     parser.add_argument("--face-sizes", default="10000,100000,1000000",
                         help="enrolled faces per face-identify row (1M takes ~15 minutes, mostly its index build)")
     parser.add_argument("--face-queries", type=int, default=100)
+    parser.add_argument("--reuse-repeats", type=int, default=3, help="times each JPEG is sent again (result reuse)")
     parser.add_argument("--caption-images", type=int, default=200)
     parser.add_argument("--caption-epochs", type=int, default=3)
     parser.add_argument("--diffusion-images", type=int, default=4)
@@ -181,8 +193,8 @@ def main() -> None:
 
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     parts: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
-        "serving": serving_rows, "faces": face_rows, "captioning": captioning_rows, "diffusion": diffusion_rows,
-        "coldstart": coldstart_rows}
+        "serving": serving_rows, "reuse": reuse_rows, "faces": face_rows, "captioning": captioning_rows,
+        "diffusion": diffusion_rows, "coldstart": coldstart_rows}
     rows: list[Row] = []
     for name in args.parts:
         log(f"part: {name}")

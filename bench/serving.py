@@ -56,6 +56,13 @@ def sample_jpegs() -> list[bytes]:
     return jpegs
 
 
+def warm_up_jpeg() -> bytes:
+    """A JPEG none of sample_jpegs() is (another quality): a first request that no later one repeats."""
+    buffer = BytesIO()
+    Image.fromarray(getattr(data, PHOTOS[0])()).convert("RGB").save(buffer, format="JPEG", quality=70)
+    return buffer.getvalue()
+
+
 @dataclass
 class Endpoint:
     """How to send one classify request to a system: POST `url + path` with the JPEG as multipart `field`;
@@ -164,6 +171,35 @@ def run_comparison(args: argparse.Namespace, log: Callable[[str], None]) -> dict
             log(f"  {name}: c=1 p50 {figures.p50_ms:.1f} ms, c={CONCURRENCY} {figures.rate_16:.1f} images/s")
             results[name].append(figures)
     return results
+
+
+@dataclass
+class ReuseFigures:
+    first_p50_ms: float  # each JPEG's first classification: a model run
+    repeat_p50_ms: float  # the same JPEGs sent again: answered from the first job
+    repeat_p99_ms: float
+    repeats: int
+    reused: int  # repeats whose provenance.reused_from names an earlier job
+    counted: float  # percept_jobs_reused_total{kind="classify"} afterwards
+
+
+def measure_reuse(repeats: int) -> ReuseFigures:
+    """Result reuse: `percept run` with it on (the default), every JPEG classified once, then each sent `repeats`
+    more times one after another; the repeats should come back from the first job, with no model run."""
+    jpegs = sample_jpegs()
+    with running_platform("classifier", PERCEPT_RESULT_REUSE="true") as (url, key, _):
+        endpoint = Endpoint(url, "/v1/classify", {"Authorization": f"Bearer {key}", "Prefer": "wait=30"},
+                            percept_answer)
+        with httpx.Client(base_url=url, headers=endpoint.headers, timeout=60) as client:
+            send(client, endpoint, warm_up_jpeg())  # the model's load, not in the figures
+            firsts = sorted(send(client, endpoint, jpeg)[0] for jpeg in jpegs)
+            timed = [send(client, endpoint, jpeg) for _ in range(repeats) for jpeg in jpegs]
+            scrape = client.get("/metrics").text
+    counted = sum(float(line.rpartition(" ")[2]) for line in scrape.splitlines()
+                  if line.startswith('percept_jobs_reused_total{kind="classify"'))
+    latencies = sorted(latency for latency, _ in timed)
+    return ReuseFigures(percentile(firsts, 50), percentile(latencies, 50), percentile(latencies, 99), len(timed),
+                        sum(1 for _, job in timed if job["provenance"].get("reused_from")), counted)
 
 
 def min_median(values: list[float], digits: int = 1) -> str:
