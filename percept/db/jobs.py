@@ -4,8 +4,10 @@ Every transition is one conditional UPDATE, so two workers (a redelivered or dup
 can never both run a job, and a worker whose lease was taken back cannot write a result.
 """
 
+import enum
 import json
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Float, Row, bindparam, cast, func, insert, literal_column, null, or_, select, text, update
@@ -82,23 +84,50 @@ def tenant_priority(session: Session, tenant_id: str) -> str:
     return session.scalar(select(Tenant.priority).where(Tenant.id == tenant_id)) or Priority.NORMAL.value
 
 
-def add_job(session: Session, job: Job) -> bool:
+class Added(enum.Enum):
+    """What add_job did."""
+
+    ADDED = "added"
+    KEY_TAKEN = "key_taken"  # the tenant's Idempotency-Key belongs to another job
+    QUOTA_FULL = "quota_full"  # the tenant has `pending_limit` jobs queued or running already
+
+
+@lru_cache(maxsize=64)
+def _insert_job(names: tuple[str, ...], limited: bool) -> Any:
+    """The INSERT of these columns, built once per set of them. `limited`: only while the tenant has fewer than
+    `pending_limit` jobs queued or running, counted in the INSERT's own snapshot (after lock_submissions' lock:
+    no other submit of the tenant can commit in between), so the quota check costs no round trip of its own."""
+    if not limited:
+        return _INSERT_JOB
+    values = select(*(bindparam(name, type_=_JOBS.c[name].type) for name in names)).where(
+        _COUNT_PENDING.scalar_subquery() < bindparam("pending_limit"))
+    return insert(_JOBS).from_select(names, values).returning(_JOBS.c.created_at, _JOBS.c.queued_at)
+
+
+def add_job(session: Session, job: Job, pending_limit: int | None = None) -> Added:
     """Insert the job (one Core INSERT: `job` stays a plain object, not one the session tracks; it gets the row's
-    server defaults); False when the tenant's Idempotency-Key is already taken, by a concurrent request too (the
-    insert waits for it to commit). Only the savepoint is undone then, not the caller's work. Without a key nothing
-    can collide: no savepoint round trips."""
+    server defaults). KEY_TAKEN when the tenant's Idempotency-Key is already taken, by a concurrent request too
+    (the insert waits for it to commit); only the savepoint is undone then, not the caller's work. Without a key
+    nothing can collide: no savepoint round trips. `pending_limit` (under lock_submissions' lock): QUOTA_FULL, and
+    nothing inserted, when the tenant already has that many jobs queued or running."""
     values = {name: value for name in _INSERTED if (value := getattr(job, name)) is not None}
+    statement = _insert_job(tuple(values), pending_limit is not None)
+    if pending_limit is not None:
+        values["pending_limit"] = pending_limit
     if job.idempotency_key is None:
-        job.created_at, job.queued_at = session.execute(_INSERT_JOB, values).one()
-        return True
-    try:
-        with session.begin_nested():
-            job.created_at, job.queued_at = session.execute(_INSERT_JOB, values).one()
-    except IntegrityError as exc:
-        if getattr(getattr(exc.orig, "diag", None), "constraint_name", None) != IDEMPOTENCY_KEY_INDEX:
-            raise
-        return False
-    return True
+        row = session.execute(statement, values).first()
+    else:
+        try:
+            with session.begin_nested():
+                row = session.execute(statement, values).first()
+        except IntegrityError as exc:
+            if getattr(getattr(exc.orig, "diag", None), "constraint_name", None) != IDEMPOTENCY_KEY_INDEX:
+                raise
+            return Added.KEY_TAKEN
+    if row is None:
+        return Added.QUOTA_FULL
+    job.created_at, job.queued_at = row
+    return Added.ADDED
 
 
 def _submission_lock(versions: bool) -> Any:
@@ -122,7 +151,7 @@ def lock_submissions(session: Session, tenant_id: str, model: tuple[str, str] | 
     jobs and then inserts one must not race another (both would see room under the quota). Other tenants
     are not held up. Returns the priority the tenant's new jobs are queued at and, for `model` (name, kind), the
     versions of it the tenant may use, oldest first, read in the same round trip (nothing the lock guards: the
-    pending count must be read after it, in a statement of its own)."""
+    pending count must be read after it, in a statement of its own: add_job's `pending_limit`)."""
     params = {"lock_key": f"jobs/{tenant_id}", "tenant_id": tenant_id}
     if model is not None:
         params |= {"name": model[0], "kind": model[1]}

@@ -1,28 +1,57 @@
 """Engines and sessions. One engine per database URL per process, created on first use."""
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Result, create_engine
-from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event
+from sqlalchemy.exc import DataError, DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from percept.errors import DependencyUnavailable, InvalidInput
 
 
+# A pooled connection idle longer than this is pinged before use; one back in the pool sooner is not, so a busy path
+# (a job's submit, claim and finish, each reusing the connection the last one returned) pays no ping round trip. A
+# database restart takes longer than this: a connection that outlived one has been idle longer. (Were one ever
+# missed, its statement fails as a 503 and that disconnect throws the whole pool away, SQLAlchemy's default.)
+PING_AFTER_IDLE_SECONDS = 0.25
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
-    return create_engine(
+    engine = create_engine(
         url,
-        pool_pre_ping=True,  # a restarted database must not leave dead connections in the pool
         pool_use_lifo=True,  # the connection used last goes out first: warm, and the idle ones age out
         pool_size=10,
         max_overflow=20,
         pool_timeout=5,
         connect_args={"connect_timeout": 3},
     )
+    ping_idle_connections(engine)
+    return engine
+
+
+def ping_idle_connections(engine: Engine) -> None:
+    """`pool_pre_ping` for connections idle over PING_AFTER_IDLE_SECONDS only: a restarted database must not
+    leave dead connections in the pool (a dead one is replaced before the checkout returns)."""
+    @event.listens_for(engine, "checkin")
+    def _idle_from(_: Any, record: Any) -> None:
+        record.info["idle_from"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_connection: Any, record: Any, _: Any) -> None:
+        idle_from = record.info.pop("idle_from", None)
+        if idle_from is None or time.monotonic() - idle_from < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise DisconnectionError("an idle pooled connection is dead") from exc
+        if not alive:
+            raise DisconnectionError("an idle pooled connection is dead")
 
 
 @lru_cache(maxsize=8)

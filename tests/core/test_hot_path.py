@@ -1,16 +1,21 @@
 """The hot path's single statements on a database built by the migrations: a batch's results in one UPDATE (and
-the webhook outbox's trigger still firing for each job), an upload's image row in one round trip."""
+the webhook outbox's trigger still firing for each job), an upload's image row in one round trip, the quota checked
+inside the job's INSERT; and pooled connections pinged only once they have sat idle."""
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.pool import NullPool
 
 from percept.cli import replica_threads
 from percept.db import images as image_repo
 from percept.db import jobs as job_repo
+from percept.db import session as db_session
 from percept.db import webhooks as webhook_repo
 from percept.db.ids import new_id
 from percept.db.models import Image, Job, JobStatus, Webhook, WebhookDelivery
 from percept.db.session import session_scope
 from percept.db.tenants import create_key
+from percept.errors import DependencyUnavailable
 
 
 def running_job(session, tenant_id: str) -> str:
@@ -71,3 +76,52 @@ def test_replicas_of_a_pool_share_the_cores():
     assert replica_threads(4, 2, {}) == {"OMP_NUM_THREADS": "1"}  # never 0
     assert replica_threads(1, 8, {}) == {}  # alone: every core
     assert replica_threads(2, 8, {"OMP_NUM_THREADS": "3"}) == {}  # the user's choice stands
+
+
+def test_a_job_is_inserted_only_below_the_tenants_pending_limit(database_url):
+    with session_scope(database_url) as session:
+        tenant, _ = create_key(session, "hot-quota")
+        for _ in range(2):
+            assert job_repo.add_job(session, job_repo.queued_job(tenant.id, "classify", "classifier", {}, [])) \
+                is job_repo.Added.ADDED
+        full = job_repo.queued_job(tenant.id, "classify", "classifier", {}, [], idempotency_key="k")
+        assert job_repo.add_job(session, full, pending_limit=2) is job_repo.Added.QUOTA_FULL
+        assert session.get(Job, full.id) is None and full.created_at is None
+        room = job_repo.queued_job(tenant.id, "classify", "classifier", {"model": "m:1"}, [], idempotency_key="k")
+        assert job_repo.add_job(session, room, pending_limit=3) is job_repo.Added.ADDED
+        assert room.created_at is not None and room.queued_at is not None
+        # An ended job leaves room; the key, now taken, is reported as such rather than as the quota.
+        session.execute(text("UPDATE jobs SET status = 'succeeded' WHERE id = :id"), {"id": room.id})
+        again = job_repo.queued_job(tenant.id, "classify", "classifier", {}, [], idempotency_key="k")
+        assert job_repo.add_job(session, again, pending_limit=3) is job_repo.Added.KEY_TAKEN
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id)) == 3
+
+
+def backend_pid(database_url: str) -> int:
+    with session_scope(database_url, autocommit=True) as session:
+        return session.scalar(text("SELECT pg_backend_pid()"))
+
+
+def kill_backend(database_url: str, pid: int) -> None:
+    """End a pooled connection's server process, as a database restart does, from a connection outside the pool."""
+    engine = create_engine(database_url, poolclass=NullPool)
+    with engine.connect() as connection:
+        assert connection.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    engine.dispose()
+
+
+def test_a_dead_connection_idle_past_the_ping_threshold_is_replaced_before_use(database_url, monkeypatch):
+    monkeypatch.setattr(db_session, "PING_AFTER_IDLE_SECONDS", 0.0)
+    pid = backend_pid(database_url)
+    kill_backend(database_url, pid)
+    assert backend_pid(database_url) != pid  # pinged at checkout, found dead, replaced: the caller saw nothing
+
+
+def test_a_connection_back_in_the_pool_sooner_is_not_pinged_and_a_dead_one_invalidates_the_pool(database_url,
+                                                                                               monkeypatch):
+    monkeypatch.setattr(db_session, "PING_AFTER_IDLE_SECONDS", 3600.0)
+    pid = backend_pid(database_url)
+    kill_backend(database_url, pid)
+    with pytest.raises(DependencyUnavailable):  # no ping round trip: the statement itself finds it dead
+        backend_pid(database_url)
+    assert backend_pid(database_url) != pid  # and the pool was thrown away with it

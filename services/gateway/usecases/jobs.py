@@ -89,11 +89,6 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
         if existing is not None:
             return _replay(existing, fingerprint), False
     original = job_repo.find_reusable(session, tenant_id, reuse_key) if reuse and reuse_key else None
-    pending = 0 if original is not None else job_repo.count_pending(session, tenant_id)
-    if pending >= infra.settings.max_pending_jobs_per_tenant:
-        raise QuotaExceeded(
-            f"You have {pending} jobs queued or running, the most allowed; wait for some to finish.",
-            details={"pending": pending, "limit": infra.settings.max_pending_jobs_per_tenant})
     cancel_after = session.info.get(CANCEL_AFTER)
     job = job_repo.queued_job(tenant_id, request.kind, kind.queue, params, request.inputs,
                               idempotency_key=request.idempotency_key, request_hash=fingerprint,
@@ -102,7 +97,14 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
                               reuse_key=reuse_key)
     if original is not None:
         job_repo.reused_job(job, original)
-    if not job_repo.add_job(session, job):  # the key's job appeared after the lookup (another transaction)
+    # A reused job runs nothing: it counts against no quota. Any other is inserted only below the quota.
+    limit = infra.settings.max_pending_jobs_per_tenant
+    added = job_repo.add_job(session, job, pending_limit=None if original is not None else limit)
+    if added is job_repo.Added.QUOTA_FULL:
+        pending = job_repo.count_pending(session, tenant_id)
+        raise QuotaExceeded(f"You have {pending} jobs queued or running, the most allowed; wait for some to finish.",
+                            details={"pending": pending, "limit": limit})
+    if added is job_repo.Added.KEY_TAKEN:  # the key's job appeared after the lookup (another transaction)
         existing = job_repo.find_by_idempotency_key(session, tenant_id, request.idempotency_key or "")
         if existing is None:
             raise Conflict("This Idempotency-Key is in use by a request still being recorded; retry shortly.",
