@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from percept.errors import DependencyUnavailable, InvalidInput
 
-
 # A pooled connection idle longer than this is pinged before use; one back in the pool sooner is not, so a busy path
 # (a job's submit, claim and finish, each reusing the connection the last one returned) pays no ping round trip. A
 # database restart takes longer than this: a connection that outlived one has been idle longer. (Were one ever
