@@ -13,7 +13,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -67,6 +67,12 @@ Finalizer = Callable[[Infra, Session, str, str, dict[str, Any], list[dict[str, A
 def decoders() -> ThreadPoolExecutor:
     """This process's threads for decoding a batch's images (one per core, at most 8)."""
     return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="decode")
+
+
+@cache
+def announcer() -> ThreadPoolExecutor:
+    """This process's thread for the claim's `running` events: sent while the jobs go on (JobRuntime._publish)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="announce")
 
 
 @cache
@@ -193,6 +199,7 @@ class JobRuntime:
         self.inference_deadline = inference_deadline
         self.worker_name = f"{HOST}:{os.getpid()}"
         self._builtin_rows: dict[str, Model] = {}  # "name:version" -> the registry row of a built-in model
+        self._announcing: Future[None] | None = None  # the claim's `running` events, on their way
 
     # 1. Claim (one conditional UPDATE, which also reads where the input images are), then the models
     def _claim(self, job_ids: list[str]) -> list[ClaimedJob]:
@@ -209,8 +216,21 @@ class JobRuntime:
             self._find_models(session, inference)
         for job_id in set(job_ids) - {job.id for job in claimed}:
             log.info("job %s is not queued any more; nothing to do", job_id)
-        publish_job_events(self.infra.broker_url, [(job.id, "running") for job in claimed])
+        self._publish([(job.id, "running") for job in claimed], background=True)
         return claimed
+
+    def _publish(self, events: list[tuple[str, str]], results: dict[str, str] | None = None, *,
+                 background: bool = False) -> None:
+        """Job events (percept.queue.publish_job_events), in the order they happen. A `background` one (the claim's
+        `running`: nobody waits on it) goes out on the announcer thread while the jobs go on; a later one is sent
+        once that is out, here (the end of a job is what its waiter waits for)."""
+        if background:
+            self._announcing = announcer().submit(publish_job_events, self.infra.broker_url, events)
+            return
+        announcing, self._announcing = self._announcing, None
+        if announcing is not None:
+            announcing.result()
+        publish_job_events(self.infra.broker_url, events, results)
 
     def _find_models(self, session: Session, jobs: list[ClaimedJob]) -> None:
         """Each job's registry row, looked up once per (tenant, model name). A built-in model's row is kept for the
@@ -409,7 +429,7 @@ class JobRuntime:
                     except DependencyUnavailable:
                         log.warning("broker unavailable; child %s stays queued for the sweeper", row.id)
                         break
-                publish_job_event(self.infra.broker_url, job.id, "running")
+                self._publish([(job.id, "running")])
                 return
             images = image_repo.get_images(session, [image["image_id"] for child in results if child.output
                                                      for image in child.output.get("images", [])])
@@ -504,7 +524,7 @@ class JobRuntime:
                 alive = [job_repo.set_progress(session, job.id, job.attempt,
                                                {"done": done, "total": total, **(info or {})}) for job in jobs]
                 session.commit()
-            publish_job_events(self.infra.broker_url, [(job.id, "running") for job in jobs])
+            self._publish([(job.id, "running") for job in jobs])
             if not all(alive):
                 raise JobCanceled()
         return on_step
@@ -527,7 +547,7 @@ class JobRuntime:
                 parents = job_repo.wake_parents(session, [job.parent_id for job in rest if job.parent_id])
                 woken = [(parent.kind, parent.id, parent.priority, status) for parent, status in parents]
                 session.commit()
-        publish_job_events(self.infra.broker_url, written, done)
+        self._publish(written, done)
         send_woken_parents(self.infra.broker_url, woken)
 
     def _write_plain_successes(self, jobs: list[ClaimedJob]) -> dict[str, str]:
@@ -626,7 +646,7 @@ class JobRuntime:
             return  # the database itself is gone: the sweeper takes the jobs back by their heartbeat
         for job, status in released:
             if status is JobStatus.CANCELED:
-                publish_job_event(self.infra.broker_url, job.id, status.value)
+                self._publish([(job.id, status.value)])
             elif status is JobStatus.QUEUED:
                 try:
                     send_job(self.infra.broker_url, job.kind, job.id, job.priority,
@@ -658,8 +678,7 @@ class JobRuntime:
                 session.commit()
         except DependencyUnavailable:
             return  # with no heartbeat, the sweeper takes them back once the database answers
-        for job in ended:
-            publish_job_event(self.infra.broker_url, job.id, JobStatus.FAILED.value)
+        self._publish([(job.id, JobStatus.FAILED.value) for job in ended])
         if rest := [job for job in jobs if job not in last]:
             self._retry_later(rest, f"inference ran past the {deadline:g} s deadline")
 

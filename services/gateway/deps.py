@@ -2,7 +2,7 @@
 and the caller's tenant."""
 
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -16,7 +16,7 @@ from percept.errors import Unauthorized
 from percept.infra import Infra
 from services.gateway.events import JobEvents
 from services.gateway.ratelimit import WrongKeyLimit
-from services.gateway.transaction import commit
+from services.gateway.transaction import commit, has_work
 
 # A key lookup is cached this long: a revoked key stops working within this time.
 KEY_CACHE_SECONDS = 30.0
@@ -34,17 +34,33 @@ InfraDep = Annotated[Infra, Depends(get_infra)]
 EventsDep = Annotated[JobEvents, Depends(get_events)]
 
 
-def get_session(infra: InfraDep) -> Iterator[Session]:
+async def get_session(infra: InfraDep) -> AsyncIterator[Session]:
     """The request's one session, committed here once the route has returned (then its buffered sends
     run, see services.gateway.transaction); rolled back when the route raised.
 
     `scope="function"` below: FastAPI runs this exit before the response is sent (the default, "request",
     runs it after), so the client is answered only once its work is committed, and a failed commit or
     send becomes the error response instead of a 2xx for work that was lost.
+
+    Async, so a worker thread is used only for what does I/O: making the session opens no connection, and a
+    route that committed its work already (a job POST that waits for its job) leaves nothing to do at the end.
     """
-    with session_scope(infra.database_url) as session:
+    scope = session_scope(infra.database_url)
+    session = scope.__enter__()
+    try:
         yield session
-        commit(session)
+        if has_work(session):
+            await run_in_threadpool(commit, session)
+    except Exception as exc:  # rolled back, and a database error turned into the API's (session_scope)
+        if session.in_transaction():
+            await run_in_threadpool(scope.__exit__, type(exc), exc, exc.__traceback__)
+        else:
+            scope.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    except BaseException as exc:  # the request was canceled: no worker thread to wait for
+        scope.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    scope.__exit__(None, None, None)
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]

@@ -18,6 +18,11 @@ def after_commit(session: Session, action: Callable[[], None]) -> None:
     session.info.setdefault(_AFTER_COMMIT, []).append(action)
 
 
+def has_work(session: Session) -> bool:
+    """Whether commit() has anything to do: a transaction begun (reads and writes alike), or actions waiting."""
+    return session.in_transaction() or bool(session.info.get(_AFTER_COMMIT))
+
+
 def commit(session: Session) -> None:
     """Commit, then run the buffered actions in order. Every action runs; the first error is raised after.
 

@@ -1,7 +1,6 @@
 """Image classification: ImageNet or a tenant's own classifiers, with a category match check."""
 
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from percept.schemas import ClassifyParams, JobOut
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
@@ -13,8 +12,9 @@ from services.gateway.routers.jobs import (
     PreferHeader,
     accepted,
     image_job_body,
+    submit,
 )
-from services.gateway.usecases.jobs import JobRequest, submit_job
+from services.gateway.usecases.jobs import JobRequest
 
 router = APIRouter(prefix="/v1", tags=["classify"])
 
@@ -28,7 +28,7 @@ async def classify(request: Request, response: Response, session: SessionDep, in
     params, images = await read_job_request(request, session, infra, tenant_id, ClassifyParams, ("image",))
     # unknown_threshold stays null unless given: each model applies its own (a trained model's is
     # calibrated on its validation set; ImageNet's is 0.25).
-    submitted = await run_in_threadpool(submit_job, session, infra, tenant_id, JobRequest(
+    submitted = await submit(session, infra, tenant_id, JobRequest(
         kind="classify", params=params.model_dump(), images=images, model=params.model,
-        idempotency_key=idempotency_key))
+        idempotency_key=idempotency_key), prefer)
     return await accepted(response, session, infra, events, tenant_id, submitted, prefer)

@@ -36,9 +36,10 @@ from services.gateway.routers.jobs import (
     PreferHeader,
     accepted,
     image_job_body,
+    submit,
 )
 from services.gateway.usecases import faces
-from services.gateway.usecases.jobs import JobRequest, submit_job
+from services.gateway.usecases.jobs import JobRequest
 
 router = APIRouter(prefix="/v1", tags=["faces"])
 CONFLICT: Responses = {409: {"model": ErrorOut}}
@@ -54,8 +55,8 @@ async def _submit(request: Request, response: Response, session: Session, infra:
     values = params.model_dump()
     if resolve is not None:
         values = await run_in_threadpool(resolve, values)
-    submitted = await run_in_threadpool(submit_job, session, infra, tenant_id, JobRequest(
-        kind=kind, params=values, images=images, idempotency_key=idempotency_key))
+    submitted = await submit(session, infra, tenant_id, JobRequest(
+        kind=kind, params=values, images=images, idempotency_key=idempotency_key), prefer)
     return await accepted(response, session, infra, events, tenant_id, submitted, prefer)
 
 

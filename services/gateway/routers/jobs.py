@@ -15,7 +15,7 @@ from percept.schemas import ErrorOut, JobOut, JobPage, Responses
 from services.gateway.deps import EventsDep, InfraDep, SessionDep, TenantDep
 from services.gateway.events import JobEvents, wait_for_change
 from services.gateway.openapi import without_null
-from services.gateway.transaction import commit
+from services.gateway.transaction import commit, has_work
 from services.gateway.usecases import jobs
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -79,6 +79,21 @@ def image_job_body(*fields: str, params: type[BaseModel], json_too: bool = False
     return {"requestBody": {"required": True, "content": content}}
 
 
+async def submit(session: Session, infra: Infra, tenant_id: str, request: jobs.JobRequest,
+                 prefer: str | None) -> tuple[Job, bool]:
+    """submit_job in one trip to a worker thread; when the answer will wait for the job (`Prefer: wait=N`), it is
+    committed and sent in the same trip (accepted() then has no commit of its own to make)."""
+    wait = jobs.parse_wait(prefer, infra.settings.max_wait.total_seconds())
+
+    def submit_and_commit() -> tuple[Job, bool]:
+        submitted = jobs.submit_job(session, infra, tenant_id, request)
+        if wait > 0:
+            commit(session)
+        return submitted
+
+    return await run_in_threadpool(submit_and_commit)
+
+
 async def accepted(response: Response, session: Session, infra: Infra, events: JobEvents, tenant_id: str,
                    submitted: tuple[Job, bool], prefer: str | None) -> JobOut:
     """The answer of every job-creating POST: Location, and the job after an optional long-poll; 202, or
@@ -90,9 +105,9 @@ async def accepted(response: Response, session: Session, infra: Infra, events: J
     wait = jobs.parse_wait(prefer, infra.settings.max_wait.total_seconds())
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     known = JobOut.of(job) if created else None
-    if wait > 0:
-        # A job can only be waited for once it is committed and sent: that happens now rather than when
-        # the route returns (the session dependency's commit then has nothing left to do).
+    if wait > 0 and has_work(session):
+        # A job can only be waited for once it is committed and sent: that happens now (unless submit() did)
+        # rather than when the route returns (the session dependency's commit then has nothing left to do).
         await run_in_threadpool(commit, session)
     out = await jobs.wait_for_job(infra, events, tenant_id, job.id, wait, known=known)
     if _applied_wait(response, wait, out):
