@@ -7,6 +7,7 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.pool import NullPool
 
 from percept.cli import replica_threads
+from percept.config import Settings
 from percept.db import images as image_repo
 from percept.db import jobs as job_repo
 from percept.db import session as db_session
@@ -16,6 +17,7 @@ from percept.db.models import Image, Job, JobStatus, Webhook, WebhookDelivery
 from percept.db.session import session_scope
 from percept.db.tenants import create_key
 from percept.errors import DependencyUnavailable
+from workers.__main__ import framework_environment
 
 
 def running_job(session, tenant_id: str) -> str:
@@ -125,3 +127,10 @@ def test_a_connection_back_in_the_pool_sooner_is_not_pinged_and_a_dead_one_inval
     with pytest.raises(DependencyUnavailable):  # no ping round trip: the statement itself finds it dead
         backend_pid(database_url)
     assert backend_pid(database_url) != pid  # and the pool was thrown away with it
+
+
+def test_a_worker_sets_the_openmp_spin_and_its_cpu_threads_unless_the_environment_has_its_own():
+    assert framework_environment(Settings(), {}) == {"GOMP_SPINCOUNT": "100000"}
+    assert framework_environment(Settings(), {"GOMP_SPINCOUNT": "0"}) == {}
+    assert framework_environment(Settings(cpu_threads=1), {"GOMP_SPINCOUNT": "0"}) == {
+        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
