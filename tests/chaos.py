@@ -294,6 +294,12 @@ class RunningPlatform:
     run: subprocess.Popen
     log_path: Path
 
+    def log_tails(self, chars: int = 2500) -> str:
+        """The end of `percept run`'s output and of each process's log: what a failure message should carry, since
+        the data dir (and its logs) goes with the platform."""
+        logs = [self.log_path, *sorted((self.data_dir / "logs").glob("*.log"))]
+        return "\n".join(f"--- {log.name}:\n{log.read_text(errors='replace')[-chars:]}" for log in logs if log.exists())
+
     @property
     def database_url(self) -> str:
         lines = (self.data_dir / "postgres" / "postmaster.pid").read_text().splitlines()
@@ -493,7 +499,7 @@ class Chaos:
                     continue
                 job = self.submit_and_wait(api, JobRecord(kind, 0, time.monotonic()), keep=False)
                 if job.status != "succeeded":
-                    raise RuntimeError(f"warm-up {kind} job did not succeed: {job}")
+                    raise RuntimeError(f"warm-up {kind} job did not succeed: {job}\n{self.platform.log_tails()}")
                 self.setup_job_ids.append(job.id or "")
 
     # 3. The clients
