@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from io import BytesIO
 
 import httpx
+import psutil
 from harness import ROOT, add_device_argument, apply_device, free_port, running_platform
 from PIL import Image
 from skimage import data
@@ -73,6 +74,8 @@ class Endpoint:
     headers: dict[str, str] = field(default_factory=dict)
     check: Callable[[httpx.Response], dict] = lambda response: response.raise_for_status().json()
     model_ms: Callable[[dict], float] | None = None
+    # The processes serving it, by part, where the bench started them itself (CPU per image)
+    processes: Callable[[], dict[str, list[psutil.Process]]] | None = None
 
 
 @dataclass
@@ -82,6 +85,9 @@ class Figures:
     rate_16: float
     outside_model_ms: float | None = None  # p50 of (latency - the job's own inference time), Percept only
     gateway_rss_mb: float | None = None
+    # CPU time per image during the c=16 figure, by part (gateway, workers, postgres, redis, the load generator),
+    # in ms: where a 2-core machine's time goes, Percept only
+    cpu_ms_per_image: dict[str, float] = field(default_factory=dict)
 
 
 def percept_answer(response: httpx.Response) -> dict:
@@ -98,8 +104,48 @@ def percept_endpoint(pools: str = "classifier") -> Iterator[tuple[Endpoint, Call
     in MB)."""
     with running_platform(pools) as (url, key, gateway):
         yield (Endpoint(url, "/v1/classify", {"Authorization": f"Bearer {key}", "Prefer": "wait=30, no-reuse"},
-                        percept_answer, lambda job: job["provenance"]["timings_ms"]["inference"]),
+                        percept_answer, lambda job: job["provenance"]["timings_ms"]["inference"],
+                        lambda: platform_parts(gateway.parent())),
                lambda: gateway.memory_info().rss / 2**20)
+
+
+def platform_parts(run: psutil.Process) -> dict[str, list[psutil.Process]]:
+    """`percept run`'s processes by part: the gateway, the workers, Postgres (its server and backends), Redis."""
+    parts: dict[str, list[psutil.Process]] = {"gateway": [], "workers": [], "postgres": [], "redis": []}
+    for process in run.children(recursive=True):
+        try:
+            command = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        part = ("gateway" if "percept.cli gateway" in command else "workers" if "-m workers" in command
+                else "redis" if "redis-server" in command else "postgres" if "postgres" in command else None)
+        if part:
+            parts[part].append(process)
+    return parts
+
+
+def cpu_seconds(parts: dict[str, list[psutil.Process]]) -> dict[tuple[str, int], float]:
+    """User + system CPU seconds of each process so far, by (part, pid)."""
+    seconds = {}
+    for part, processes in parts.items():
+        for process in processes:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            seconds[(part, process.pid)] = times.user + times.system
+    return seconds
+
+
+def cpu_per_image(before: dict[tuple[str, int], float], after: dict[tuple[str, int], float], load: float,
+                  images: int) -> dict[str, float]:
+    """ms of CPU per image by part between two cpu_seconds() (a process started meanwhile counts whole), with the
+    load generator's (this process's) `load` seconds."""
+    spent: dict[str, float] = {}
+    for (part, pid), seconds in after.items():
+        spent[part] = spent.get(part, 0.0) + seconds - before.get((part, pid), 0.0)
+    spent["load generator"] = load
+    return {part: 1000 * value / max(images, 1) for part, value in spent.items()}
 
 
 def send(client: httpx.Client, endpoint: Endpoint, jpeg: bytes) -> tuple[float, dict]:
@@ -117,6 +163,8 @@ def measure_endpoint(endpoint: Endpoint, jpegs: list[bytes], requests_at_1: int,
     latencies = sorted(latency for latency, _ in timed)
     outside = (statistics.median(latency - endpoint.model_ms(answer) for latency, answer in timed)
                if endpoint.model_ms else None)
+    parts = endpoint.processes() if endpoint.processes else {}
+    cpu_before, load_before = cpu_seconds(parts), sum(psutil.Process().cpu_times()[:2])
     stop_at = time.perf_counter() + seconds
 
     def client_loop(offset: int) -> int:
@@ -130,8 +178,12 @@ def measure_endpoint(endpoint: Endpoint, jpegs: list[bytes], requests_at_1: int,
     started = time.perf_counter()
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         done = sum(pool.map(client_loop, range(CONCURRENCY)))
-    return Figures(percentile(latencies, 50), percentile(latencies, 99), done / (time.perf_counter() - started),
-                   outside)
+    rate = done / (time.perf_counter() - started)
+    cpu = {}
+    if endpoint.processes:  # the processes as they are now: Postgres backends come and go
+        load = sum(psutil.Process().cpu_times()[:2]) - load_before
+        cpu = cpu_per_image(cpu_before, cpu_seconds(endpoint.processes()), load, done)
+    return Figures(percentile(latencies, 50), percentile(latencies, 99), rate, outside, cpu_ms_per_image=cpu)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -224,6 +276,15 @@ def comparison_rows(results: dict[str, list[Figures]]) -> list[list[str]]:
     return rows
 
 
+def cpu_summary(runs: list[Figures]) -> str:
+    """'CPU per image at c=16: gateway 10.1, workers 52.0, ... ms' (medians over the runs), '' without figures."""
+    parts = list(dict.fromkeys(part for f in runs for part in f.cpu_ms_per_image))
+    if not parts:
+        return ""
+    cells = [f"{part} {statistics.median(f.cpu_ms_per_image.get(part, 0.0) for f in runs):.1f}" for part in parts]
+    return "CPU per image at c=16 (median ms): " + ", ".join(cells)
+
+
 COMPARISON_HEADER = ["system", "c=1 p50", "c=1 p99", "c=1 outside the model (p50)", f"c={CONCURRENCY} images/s",
                      f"c={CONCURRENCY} / direct batch 16"]
 
@@ -253,6 +314,9 @@ def main() -> None:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
     results = run_comparison(args, lambda line: print(line, file=sys.stderr, flush=True))
     print(markdown_table(COMPARISON_HEADER, comparison_rows(results)))
+    for name, runs in results.items():
+        if summary := cpu_summary(runs):
+            print(f"{LABELS[name]}: {summary}")
 
 
 if __name__ == "__main__":
