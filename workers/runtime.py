@@ -216,7 +216,8 @@ class JobRuntime:
             self._find_models(session, inference)
         for job_id in set(job_ids) - {job.id for job in claimed}:
             log.info("job %s is not queued any more; nothing to do", job_id)
-        self._publish([(job.id, "running") for job in claimed], background=True)
+        if claimed:
+            self._publish([(job.id, "running") for job in claimed], background=True)
         return claimed
 
     def _publish(self, events: list[tuple[str, str]], results: dict[str, str] | None = None, *,

@@ -46,11 +46,9 @@ def ping_idle_connections(engine: Engine) -> None:
         if idle_from is None or time.monotonic() - idle_from < PING_AFTER_IDLE_SECONDS:
             return
         try:
-            alive = engine.dialect.do_ping(dbapi_connection)
+            engine.dialect.do_ping(dbapi_connection)  # raises on a dead connection
         except Exception as exc:
             raise DisconnectionError("an idle pooled connection is dead") from exc
-        if not alive:
-            raise DisconnectionError("an idle pooled connection is dead")
 
 
 @lru_cache(maxsize=8)
