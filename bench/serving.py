@@ -1,6 +1,7 @@
 """The classifier served side by side: Percept's API, the predictor called directly, and the serving frameworks a
 user would pick instead (bench/peers: Ray Serve, BentoML, plain FastAPI, each in its own virtualenv), all on the
-same EfficientNet-Lite0 predictor and decode, sent the same JPEGs as multipart uploads.
+same EfficientNet-Lite0 predictor and decode, sent the same JPEGs as multipart uploads by one lean load
+generator (bench/loadgen.py: each body built once, sent over http.client).
 
 Each run measures every system once, the order reversed on every other run (a shared VM drifts within
 minutes); the figures are given as min / median over the runs (issue 13's convention).
@@ -22,6 +23,7 @@ from io import BytesIO
 import httpx
 import psutil
 from harness import ROOT, add_device_argument, apply_device, free_port, running_platform
+from loadgen import Client, Upload
 from PIL import Image
 from skimage import data
 
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench.peers.run import PEERS, peer_version, running_peer  # noqa: E402
 
 CONCURRENCY = 16
+WARM_UP_SECONDS = 3.0  # at c=16, before either measurement (measure_endpoint)
 SYSTEMS = ("percept", "percept-2", "direct", "ray", "bentoml", "fastapi")
 # How `percept run` is started for each Percept row: one classifier worker on every core, or two sharing them
 # (`--workers classifier,classifier`: each model on cores / 2 threads, while one batch runs the other is gathered).
@@ -43,6 +46,11 @@ LABELS = {"percept": "Percept API (POST /v1/classify, multipart, `Prefer: wait=3
 # Distinct photos (and qualities), so no cache or result reuse can answer a request without the model.
 PHOTOS = ("coffee", "chelsea", "astronaut", "rocket")
 QUALITIES = (95, 90, 85, 80)
+
+
+def sample_uploads() -> list[Upload]:
+    """sample_jpegs() as multipart bodies, built once (bench/loadgen.py)."""
+    return [Upload.of(jpeg) for jpeg in sample_jpegs()]
 
 
 def sample_jpegs() -> list[bytes]:
@@ -66,13 +74,14 @@ def warm_up_jpeg() -> bytes:
 
 @dataclass
 class Endpoint:
-    """How to send one classify request to a system: POST `url + path` with the JPEG as multipart `field`;
-    `model_ms` reads the model's own time out of an answer, where the system records one."""
+    """How to send one classify request to a system: POST `url + path` with the JPEG as multipart `image`;
+    `check` looks at the answer's JSON (raises if it is not a result); `model_ms` reads the model's own time out
+    of an answer, where the system records one."""
 
     url: str
     path: str = "/classify"
     headers: dict[str, str] = field(default_factory=dict)
-    check: Callable[[httpx.Response], dict] = lambda response: response.raise_for_status().json()
+    check: Callable[[dict], dict] = lambda answer: answer
     model_ms: Callable[[dict], float] | None = None
     # The processes serving it, by part, where the bench started them itself (CPU per image)
     processes: Callable[[], dict[str, list[psutil.Process]]] | None = None
@@ -90,8 +99,7 @@ class Figures:
     cpu_ms_per_image: dict[str, float] = field(default_factory=dict)
 
 
-def percept_answer(response: httpx.Response) -> dict:
-    job = response.json()
+def percept_answer(job: dict) -> dict:
     if job.get("status") != "succeeded":
         raise RuntimeError(f"job did not succeed: {job}")
     return job
@@ -148,42 +156,56 @@ def cpu_per_image(before: dict[tuple[str, int], float], after: dict[tuple[str, i
     return {part: 1000 * value / max(images, 1) for part, value in spent.items()}
 
 
-def send(client: httpx.Client, endpoint: Endpoint, jpeg: bytes) -> tuple[float, dict]:
-    started = time.perf_counter()
-    answer = endpoint.check(client.post(endpoint.path, files={"image": ("photo.jpg", jpeg, "image/jpeg")}))
-    return (time.perf_counter() - started) * 1000, answer
+def send(client: Client, endpoint: Endpoint, upload: Upload) -> tuple[float, dict]:
+    """One request: (its latency in ms, the checked answer)."""
+    latency, answer = client.post(endpoint.path, upload)
+    return latency, endpoint.check(answer)
 
 
-def measure_endpoint(endpoint: Endpoint, jpegs: list[bytes], requests_at_1: int, seconds: float) -> Figures:
-    """c=1: `requests_at_1` requests one after another; c=16: 16 clients for `seconds`, images/s."""
-    with httpx.Client(base_url=endpoint.url, headers=endpoint.headers, timeout=60) as client:
-        for jpeg in jpegs[:8]:  # warm-up: model load, first-call allocations, connection pools
-            send(client, endpoint, jpeg)
-        timed = [send(client, endpoint, jpegs[i % len(jpegs)]) for i in range(requests_at_1)]
+def measure_endpoint(endpoint: Endpoint, uploads: list[Upload], requests_at_1: int, seconds: float) -> Figures:
+    """c=1: `requests_at_1` requests one after another; c=16: 16 clients for `seconds`, images/s (each client a
+    thread with a keep-alive connection of its own, bench/loadgen.py).
+
+    Both after a warm-up: 8 requests one by one (model load, first-call allocations, connection pools), then
+    WARM_UP_SECONDS at c=16. A batching system meets each batch size's first forward pass there, which takes about
+    1.5 times as long as later ones (torch sets up its kernels per input shape): 16 batch sizes would otherwise
+    cost a batching system about a tenth of a 10 s measurement.
+    """
+    with Client(endpoint.url, endpoint.headers) as client:
+        for upload in uploads[:8]:
+            send(client, endpoint, upload)
+        run_clients(endpoint, uploads, WARM_UP_SECONDS)
+        timed = [send(client, endpoint, uploads[i % len(uploads)]) for i in range(requests_at_1)]
     latencies = sorted(latency for latency, _ in timed)
     outside = (statistics.median(latency - endpoint.model_ms(answer) for latency, answer in timed)
                if endpoint.model_ms else None)
     parts = endpoint.processes() if endpoint.processes else {}
     cpu_before, load_before = cpu_seconds(parts), sum(psutil.Process().cpu_times()[:2])
-    stop_at = time.perf_counter() + seconds
-
-    def client_loop(offset: int) -> int:
-        count = 0
-        with httpx.Client(base_url=endpoint.url, headers=endpoint.headers, timeout=60) as client:
-            while time.perf_counter() < stop_at:
-                send(client, endpoint, jpegs[(offset + count) % len(jpegs)])
-                count += 1
-        return count
-
     started = time.perf_counter()
-    with ThreadPoolExecutor(CONCURRENCY) as pool:
-        done = sum(pool.map(client_loop, range(CONCURRENCY)))
+    done = run_clients(endpoint, uploads, seconds)
     rate = done / (time.perf_counter() - started)
     cpu = {}
     if endpoint.processes:  # the processes as they are now: Postgres backends come and go
         load = sum(psutil.Process().cpu_times()[:2]) - load_before
         cpu = cpu_per_image(cpu_before, cpu_seconds(endpoint.processes()), load, done)
     return Figures(percentile(latencies, 50), percentile(latencies, 99), rate, outside, cpu_ms_per_image=cpu)
+
+
+def run_clients(endpoint: Endpoint, uploads: list[Upload], seconds: float) -> int:
+    """CONCURRENCY clients sending `uploads` in turn, each its next request as soon as it has an answer, for
+    `seconds`; the number of answers."""
+    stop_at = time.perf_counter() + seconds
+
+    def client_loop(offset: int) -> int:
+        count = 0
+        with Client(endpoint.url, endpoint.headers) as client:
+            while time.perf_counter() < stop_at:
+                send(client, endpoint, uploads[(offset + count) % len(uploads)])
+                count += 1
+        return count
+
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        return sum(pool.map(client_loop, range(CONCURRENCY)))
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -199,27 +221,27 @@ def measure_direct(seconds: float) -> Figures:
     return Figures(latency, latency, classify.direct_throughput(16, seconds=seconds))
 
 
-def measure_system(name: str, jpegs: list[bytes], args: argparse.Namespace) -> Figures:
+def measure_system(name: str, uploads: list[Upload], args: argparse.Namespace) -> Figures:
     if name == "direct":
         return measure_direct(min(args.seconds, 5.0))
     if name in PERCEPT_POOLS:
         with percept_endpoint(PERCEPT_POOLS[name]) as (endpoint, gateway_rss):
-            figures = measure_endpoint(endpoint, jpegs, args.requests, args.seconds)
+            figures = measure_endpoint(endpoint, uploads, args.requests, args.seconds)
             figures.gateway_rss_mb = gateway_rss()
             return figures
     with running_peer(name, free_port(), args.device) as url:
-        return measure_endpoint(Endpoint(url), jpegs, args.requests, args.seconds)
+        return measure_endpoint(Endpoint(url), uploads, args.requests, args.seconds)
 
 
 def run_comparison(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, list[Figures]]:
     """Every system once per run, the order reversed every other run; {system: [Figures per run]}."""
-    jpegs = sample_jpegs()
+    uploads = sample_uploads()
     results: dict[str, list[Figures]] = {name: [] for name in args.systems}
     for run in range(args.runs):
         order = list(args.systems) if run % 2 == 0 else list(reversed(args.systems))
         for name in order:
             log(f"serving run {run + 1}/{args.runs}: {name}")
-            figures = measure_system(name, jpegs, args)
+            figures = measure_system(name, uploads, args)
             log(f"  {name}: c=1 p50 {figures.p50_ms:.1f} ms, c={CONCURRENCY} {figures.rate_16:.1f} images/s")
             results[name].append(figures)
     return results
@@ -238,15 +260,15 @@ class ReuseFigures:
 def measure_reuse(repeats: int) -> ReuseFigures:
     """Result reuse: `percept run` with it on (the default), every JPEG classified once, then each sent `repeats`
     more times one after another; the repeats should come back from the first job, with no model run."""
-    jpegs = sample_jpegs()
+    uploads = sample_uploads()
     with running_platform("classifier", PERCEPT_RESULT_REUSE="true") as (url, key, _):
         endpoint = Endpoint(url, "/v1/classify", {"Authorization": f"Bearer {key}", "Prefer": "wait=30"},
                             percept_answer)
-        with httpx.Client(base_url=url, headers=endpoint.headers, timeout=60) as client:
-            send(client, endpoint, warm_up_jpeg())  # the model's load, not in the figures
-            firsts = sorted(send(client, endpoint, jpeg)[0] for jpeg in jpegs)
-            timed = [send(client, endpoint, jpeg) for _ in range(repeats) for jpeg in jpegs]
-            scrape = client.get("/metrics").text
+        with Client(url, endpoint.headers) as client:
+            send(client, endpoint, Upload.of(warm_up_jpeg()))  # the model's load, not in the figures
+            firsts = sorted(send(client, endpoint, upload)[0] for upload in uploads)
+            timed = [send(client, endpoint, upload) for _ in range(repeats) for upload in uploads]
+        scrape = httpx.get(url + "/metrics", headers=endpoint.headers, timeout=60).text
     counted = sum(float(line.rpartition(" ")[2]) for line in scrape.splitlines()
                   if line.startswith('percept_jobs_reused_total{kind="classify"'))
     latencies = sorted(latency for latency, _ in timed)

@@ -22,11 +22,13 @@ from services.gateway.transaction import commit, has_work
 KEY_CACHE_SECONDS = 30.0
 
 
-def get_infra(request: Request) -> Infra:
+# Async, as every dependency here: FastAPI runs a plain `def` dependency on a worker thread, a trip (and a
+# thread wake-up) per request for what is one attribute read.
+async def get_infra(request: Request) -> Infra:
     return request.app.state.infra
 
 
-def get_events(request: Request) -> JobEvents:
+async def get_events(request: Request) -> JobEvents:
     return request.app.state.events
 
 

@@ -205,11 +205,15 @@ class WebhookSender:
         """A webhook was created here (committed): look again at the next job end."""
         self._none_until = 0.0
 
+    def _known_none(self) -> bool:
+        """No webhook exists, as remembered (_any_webhooks): checked on the event loop, no thread trip."""
+        return time.monotonic() < self._none_until
+
     def _any_webhooks(self) -> bool:
         """Whether any tenant has a webhook. "None" is remembered for a sweep interval, so a platform without
-        webhooks spends no transaction per job end; one created on another replica is seen by then (and the
-        timer's look below sends whatever became due meanwhile)."""
-        if time.monotonic() < self._none_until:
+        webhooks spends no transaction (nor a trip to a worker thread) per job end; one created on another
+        replica is seen by then (and the timer's look below sends whatever became due meanwhile)."""
+        if self._known_none():
             return False
         with session_scope(self.infra.database_url, autocommit=True) as session:
             if webhook_repo.any_webhooks(session):
@@ -236,7 +240,7 @@ class WebhookSender:
                     woken = False
                 self._wake.clear()
                 try:
-                    if woken and not await run_in_threadpool(self._any_webhooks):
+                    if woken and (self._known_none() or not await run_in_threadpool(self._any_webhooks)):
                         continue  # a job ended, but no one has a webhook to tell
                     while await self.send_due(client):
                         pass
