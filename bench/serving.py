@@ -83,6 +83,8 @@ class Endpoint:
     headers: dict[str, str] = field(default_factory=dict)
     check: Callable[[dict], dict] = lambda answer: answer
     model_ms: Callable[[dict], float] | None = None
+    # Where the rest of an answer's latency went, by stage in ms, where the system records it (outside_stages)
+    stages: Callable[[float, dict], dict[str, float]] | None = None
     # The processes serving it, by part, where the bench started them itself (CPU per image)
     processes: Callable[[], dict[str, list[psutil.Process]]] | None = None
 
@@ -93,6 +95,7 @@ class Figures:
     p99_ms: float
     rate_16: float
     outside_model_ms: float | None = None  # p50 of (latency - the job's own inference time), Percept only
+    outside_stages_ms: dict[str, float] = field(default_factory=dict)  # c=1 medians of Endpoint.stages, Percept only
     gateway_rss_mb: float | None = None
     # CPU time per image during the c=16 figure, by part (gateway, workers, postgres, redis, the load generator),
     # in ms: where a 2-core machine's time goes, Percept only
@@ -113,8 +116,22 @@ def percept_endpoint(pools: str = "classifier") -> Iterator[tuple[Endpoint, Call
     with running_platform(pools) as (url, key, gateway):
         yield (Endpoint(url, "/v1/classify", {"Authorization": f"Bearer {key}", "Prefer": "wait=30, no-reuse"},
                         percept_answer, lambda job: job["provenance"]["timings_ms"]["inference"],
-                        lambda: platform_parts(gateway.parent())),
+                        outside_stages, lambda: platform_parts(gateway.parent())),
                lambda: gateway.memory_info().rss / 2**20)
+
+
+def outside_stages(latency: float, job: dict) -> dict[str, float]:
+    """A Percept answer's time outside the model by stage, from its job's own timings (`provenance.timings_ms`,
+    whose `total` runs from the submit transaction's start, the job's `created_at`, to when the worker timed the
+    job's end, just before writing it):
+    - gateway and answer: before that transaction (HTTP, auth, the upload's check and storage) and after the
+      worker timed the end (the result's write and event, the gateway's wake-up, the answer);
+    - queue: `queued`, the rest of the transaction, the send, the worker's receipt, up to the claim's start;
+    - worker: from the claim to the end, less predict() (the claim, the decode).
+    """
+    timings = job["provenance"]["timings_ms"]
+    return {"gateway and answer": latency - timings["total"], "queue": timings["queued"],
+            "worker": timings["total"] - timings["queued"] - timings["inference"]}
 
 
 def platform_parts(run: psutil.Process) -> dict[str, list[psutil.Process]]:
@@ -179,6 +196,9 @@ def measure_endpoint(endpoint: Endpoint, uploads: list[Upload], requests_at_1: i
     latencies = sorted(latency for latency, _ in timed)
     outside = (statistics.median(latency - endpoint.model_ms(answer) for latency, answer in timed)
                if endpoint.model_ms else None)
+    stages = [endpoint.stages(latency, answer) for latency, answer in timed] if endpoint.stages else []
+    stage_medians = ({stage: statistics.median(split[stage] for split in stages) for stage in stages[0]}
+                     if stages else {})
     parts = endpoint.processes() if endpoint.processes else {}
     cpu_before, load_before = cpu_seconds(parts), sum(psutil.Process().cpu_times()[:2])
     started = time.perf_counter()
@@ -188,7 +208,8 @@ def measure_endpoint(endpoint: Endpoint, uploads: list[Upload], requests_at_1: i
     if endpoint.processes:  # the processes as they are now: Postgres backends come and go
         load = sum(psutil.Process().cpu_times()[:2]) - load_before
         cpu = cpu_per_image(cpu_before, cpu_seconds(endpoint.processes()), load, done)
-    return Figures(percentile(latencies, 50), percentile(latencies, 99), rate, outside, cpu_ms_per_image=cpu)
+    return Figures(percentile(latencies, 50), percentile(latencies, 99), rate, outside, stage_medians,
+                   cpu_ms_per_image=cpu)
 
 
 def run_clients(endpoint: Endpoint, uploads: list[Upload], seconds: float) -> int:
@@ -298,6 +319,18 @@ def comparison_rows(results: dict[str, list[Figures]]) -> list[list[str]]:
     return rows
 
 
+def stages_summary(runs: list[Figures]) -> str:
+    """'c=1 outside the model by stage (median ms): gateway and answer 10.0, queue 7.4, worker 4.5' (medians over
+    the runs), '' without figures."""
+    stages = list(dict.fromkeys(stage for f in runs for stage in f.outside_stages_ms))
+    if not stages:
+        return ""
+    medians = {stage: statistics.median(f.outside_stages_ms[stage] for f in runs if stage in f.outside_stages_ms)
+               for stage in stages}
+    cells = [f"{stage} {value:.1f}" for stage, value in medians.items()]
+    return "c=1 outside the model by stage (median ms): " + ", ".join(cells)
+
+
 def cpu_summary(runs: list[Figures]) -> str:
     """'CPU per image at c=16: gateway 10.1, workers 52.0, ... ms' (medians over the runs), '' without figures."""
     parts = list(dict.fromkeys(part for f in runs for part in f.cpu_ms_per_image))
@@ -337,7 +370,7 @@ def main() -> None:
     results = run_comparison(args, lambda line: print(line, file=sys.stderr, flush=True))
     print(markdown_table(COMPARISON_HEADER, comparison_rows(results)))
     for name, runs in results.items():
-        if summary := cpu_summary(runs):
+        if summary := "; ".join(part for part in (stages_summary(runs), cpu_summary(runs)) if part):
             print(f"{LABELS[name]}: {summary}")
 
 
