@@ -59,8 +59,9 @@ def serving_rows(args: argparse.Namespace) -> list[Row]:
         label, p50, p99, outside, rate, share = cells
         also = ""
         if name.startswith("percept"):
-            also = "; ".join(("gateway RSS " + serving.min_median([f.gateway_rss_mb for f in results[name]], 0)
-                              + " MB", serving.stages_summary(results[name]), serving.cpu_summary(results[name])))
+            parts = ("gateway RSS " + serving.min_median([f.gateway_rss_mb for f in results[name]], 0) + " MB",
+                     serving.stages_summary(results[name]), serving.cpu_summary(results[name]))
+            also = "; ".join(part for part in parts if part)
         rows.append(row(label, p50, p99, outside, rate + " images/s", share, also))
     return rows
 
