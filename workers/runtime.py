@@ -224,13 +224,16 @@ class JobRuntime:
                  background: bool = False) -> None:
         """Job events (percept.queue.publish_job_events), in the order they happen. A `background` one (the claim's
         `running`: nobody waits on it) goes out on the announcer thread while the jobs go on; a later one is sent
-        once that is out, here (the end of a job is what its waiter waits for)."""
+        once that is out, here (the end of a job is what its waiter waits for).
+
+        Only the claim, on the run's own thread, sets `_announcing`; a later event reads it and never clears it, so
+        the Heartbeat's thread (a give-up) can publish too without racing the run for it."""
         if background:
             self._announcing = announcer().submit(publish_job_events, self.infra.broker_url, events)
             return
-        announcing, self._announcing = self._announcing, None
+        announcing = self._announcing
         if announcing is not None:
-            announcing.result()
+            announcing.result()  # at once when it went out already
         publish_job_events(self.infra.broker_url, events, results)
 
     def _find_models(self, session: Session, jobs: list[ClaimedJob]) -> None:
