@@ -1,7 +1,9 @@
 """The broker side of jobs, shared by the gateway and the workers: queues and tasks come from the
 services' declarations (`percept.services`), payloads are a job id.
 
-The gateway sends tasks **by name** with the job id only; it never imports a worker's task module.
+The gateway sends tasks **by name** with the job id; it never imports a worker's task module. A task may also
+name where the job's images are (`image_keys`): a hint the worker reads them by while it claims the job, so the
+decode overlaps the claim; the job's row, read by the claim, stays the truth.
 """
 
 from functools import lru_cache
@@ -63,13 +65,16 @@ def producer(broker_url: str) -> Celery:
     return make_celery(broker_url, name="percept-producer")
 
 
-def send_job(broker_url: str, kind: str, job_id: str, priority: str, countdown: float | None = None) -> None:
-    """Send the job's task by name at its tenant's priority (`high`, `normal`, `low`: the job row's); raise
-    DependencyUnavailable when the broker does not take it."""
+def send_job(broker_url: str, kind: str, job_id: str, priority: str, countdown: float | None = None,
+             image_keys: list[str] | None = None) -> None:
+    """Send the job's task by name at its tenant's priority (`high`, `normal`, `low`: the job row's), with the
+    object keys of its input images as a hint when the sender knows them; raise DependencyUnavailable when the
+    broker does not take it."""
     job_kind = catalog().kind(kind)
     try:
         producer(broker_url).send_task(
-            job_kind.task, args=[job_id], queue=job_kind.queue, countdown=countdown,
+            job_kind.task, args=[job_id], kwargs={"image_keys": image_keys} if image_keys else None,
+            queue=job_kind.queue, countdown=countdown,
             priority=PRIORITIES.get(priority, PRIORITIES["normal"]),
             retry=True, retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
         )

@@ -17,7 +17,7 @@ from percept.infra import Infra
 from percept.queue import make_celery, waiting_messages
 from percept.services import JobKind, WorkerPool, catalog
 from workers import drain, observe
-from workers.runtime import JobRuntime, announcer, decoders
+from workers.runtime import Hints, JobRuntime, announcer, decoders
 
 log = logging.getLogger(__name__)
 
@@ -105,20 +105,25 @@ def create_worker_app(infra: Infra, pool: WorkerPool) -> Celery:
                  (settings.shutdown_grace - settings.handback_margin).total_seconds())
         drain.begin()
 
-    def run_batch(requests: list[Any]) -> None:
-        """Micro-batch: every queued job of the kind in this flush goes through one predict() call."""
-        runtime().run([request.args[0] for request in requests])
+    def batch_runner(kind: str) -> Any:
+        def run_batch(requests: list[Any]) -> None:
+            """Micro-batch: every queued job of the kind in this flush goes through one predict() call."""
+            runtime().run([request.args[0] for request in requests], Hints(kind, {
+                request.args[0]: request.kwargs.get("image_keys") or [] for request in requests}))
+        return run_batch
 
-    def run_one(job_id: str) -> None:
-        runtime().run([job_id])
+    def runner(kind: str) -> Any:
+        def run_one(job_id: str, image_keys: list[str] | None = None) -> None:
+            runtime().run([job_id], Hints(kind, {job_id: image_keys or []}))
+        return run_one
 
     for kind in kinds:
         if kind.batched:
             app.task(name=kind.task, base=GatheringBatches, flush_every=settings.classify_batch_size,
                      flush_interval=settings.classify_batch_wait.total_seconds(), acks_late=True,
                      broker_url=infra.broker_url, queue_name=kind.queue,
-                     gather_seconds=settings.classify_batch_gather.total_seconds())(run_batch)
+                     gather_seconds=settings.classify_batch_gather.total_seconds())(batch_runner(kind.name))
         else:
-            app.task(name=kind.task, acks_late=True)(run_one)
+            app.task(name=kind.task, acks_late=True)(runner(kind.name))
     observe.install(app, kinds, runtime)
     return app

@@ -21,6 +21,7 @@ from functools import cache
 from typing import Any, cast
 
 from celery.exceptions import SoftTimeLimitExceeded
+from PIL import Image
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -128,6 +129,27 @@ class ClaimedJob:
     children: int = 0  # a fan-out parent's, once gathered
 
 
+@dataclass
+class Hints:
+    """What a run's messages say of their jobs before the claim reads the rows: the job kind they were sent as,
+    and where each job's images are (object keys, percept.queue.send_job; none for a message without them)."""
+    kind: str
+    image_keys: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class EarlyRead:
+    """A job's images, read and decoded on the decode threads while its claim runs, from the keys its message
+    named and at the size its kind's images were last decoded at. Used only if the claim's own keys and the
+    model's input size turn out the same; otherwise they are read again (the same decode as without it)."""
+    keys: list[str]
+    at_least: int | None
+    pictures: Future[list[Image.Image]]
+
+    def serves(self, job: "ClaimedJob", at_least: int | None) -> bool:
+        return self.keys == job.image_keys and self.at_least == at_least
+
+
 class Heartbeat:
     """Beats for the running jobs every lease/3 so the sweeper knows this worker is alive, and holds the
     predict() call in progress to the inference deadline: past it, the jobs are given up (JobRuntime._give_up)
@@ -200,6 +222,7 @@ class JobRuntime:
         self.worker_name = f"{HOST}:{os.getpid()}"
         self._builtin_rows: dict[str, Model] = {}  # "name:version" -> the registry row of a built-in model
         self._announcing: Future[None] | None = None  # the claim's `running` events, on their way
+        self._decoded_at: dict[str, int | None] = {}  # job kind -> the input size its images were last decoded at
 
     # 1. Claim (one conditional UPDATE, which also reads where the input images are), then the models
     def _claim(self, job_ids: list[str]) -> list[ClaimedJob]:
@@ -252,33 +275,58 @@ class JobRuntime:
             job.model_row = rows[ref]
 
     # 2. Inputs: the images' bytes, decoded at no more than the size the model needs
-    def _load_inputs(self, jobs: list[ClaimedJob], input_size: int | None) -> None:
+    def _read_early(self, hints: Hints | None) -> dict[str, EarlyRead]:
+        """The hinted jobs' images, set reading on the decode threads before the claim (an EarlyRead each), at the
+        size the kind's last jobs needed; none before a first job of the kind has run, as that size is unknown."""
+        if hints is None or hints.kind not in self._decoded_at:
+            return {}
+        at_least = self._decoded_at[hints.kind]
+        return {job_id: EarlyRead(keys, at_least, decoders().submit(self._read_images, keys, at_least))
+                for job_id, keys in hints.image_keys.items() if keys}
+
+    def _read_images(self, keys: list[str], at_least: int | None) -> list[Image.Image]:
+        return [decode_rgb(self.infra.store.get(key), self.infra.settings.max_image_pixels, at_least=at_least)
+                for key in keys]
+
+    def _load_inputs(self, jobs: list[ClaimedJob], input_size: int | None,
+                     early: dict[str, EarlyRead] | None = None) -> None:
         """Every job's images read and decoded, a batch's on several threads (Pillow's decoders let go of the GIL:
-        on a CPU the decodes run side by side, on a GPU machine they keep the device fed)."""
-        def load(job: ClaimedJob) -> None:
+        on a CPU the decodes run side by side, on a GPU machine they keep the device fed); a job's EarlyRead is
+        taken where it serves."""
+        early = early or {}
+        reads: dict[str, Future[list[Image.Image]]] = {}
+        for job in jobs:
+            self._decoded_at[job.kind] = input_size
+            read = early.get(job.id)
+            if read is not None and read.serves(job, input_size):
+                reads[job.id] = read.pictures
+            elif len(jobs) > 1:
+                reads[job.id] = decoders().submit(self._read_images, job.image_keys, input_size)
+        for job in jobs:
             try:
-                pictures = [decode_rgb(self.infra.store.get(key), self.infra.settings.max_image_pixels,
-                                       at_least=input_size) for key in job.image_keys]
+                read_now = reads.get(job.id)
+                pictures = read_now.result() if read_now else self._read_images(job.image_keys, input_size)
                 job.request = PredictRequest(images=pictures, params=job.params)
             except DependencyUnavailable:
                 raise
             except PerceptError as exc:
                 job.error = exc.to_dict()
 
-        if len(jobs) == 1:
-            load(jobs[0])
-        else:
-            list(decoders().map(load, jobs))
-
-    def run(self, job_ids: list[str]) -> None:
+    def run(self, job_ids: list[str], hints: Hints | None = None) -> None:
+        """Claim the jobs and run those claimed; `hints` lets their images be read while the claim runs."""
         with job_context(job_ids=job_ids, whole_process=True) as log_context:  # every line it causes names the jobs
-            jobs = self._claim(job_ids)
-            log_context.update(job_ids=[job.id for job in jobs], tenant_ids=[job.tenant_id for job in jobs],
-                               kinds=[job.kind for job in jobs])
-            if jobs:
-                self._run_claimed(jobs)
+            early = self._read_early(hints)
+            try:
+                jobs = self._claim(job_ids)
+                log_context.update(job_ids=[job.id for job in jobs], tenant_ids=[job.tenant_id for job in jobs],
+                                   kinds=[job.kind for job in jobs])
+                if jobs:
+                    self._run_claimed(jobs, early)
+            finally:
+                for read in early.values():
+                    read.pictures.cancel()  # one no job took (not claimed, or other keys or size), if not begun
 
-    def _run_claimed(self, jobs: list[ClaimedJob]) -> None:
+    def _run_claimed(self, jobs: list[ClaimedJob], early: dict[str, EarlyRead] | None = None) -> None:
         with Heartbeat(self, jobs) as heartbeat:
             try:
                 for job in jobs:
@@ -292,7 +340,7 @@ class JobRuntime:
                     if drain.handback_due(self.infra.settings):
                         raise JobHandedBack()
                     loaded = self._load_model(group[0].model_row)
-                    self._load_inputs(group, getattr(loaded.predictor, "input_size", None))
+                    self._load_inputs(group, getattr(loaded.predictor, "input_size", None), early)
                     self._predict([job for job in group if job.error is None], loaded, heartbeat)
             except DependencyUnavailable as exc:
                 self._retry_later(jobs, exc.message)

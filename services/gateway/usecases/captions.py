@@ -9,7 +9,7 @@ from percept.errors import Conflict, InvalidInput, NotFound
 from percept.infra import Infra
 from percept.schemas import CaptionParams, DatasetOut, TrainCaptionerParams
 from services.gateway.usecases.datasets import ready_dataset
-from services.gateway.usecases.images import image_inputs
+from services.gateway.usecases.images import as_inputs, job_images
 from services.gateway.usecases.jobs import JobRequest, submit_job
 
 # The job kinds behind POST /v1/caption and POST /v1/train/captioner; services/captioner declares them.
@@ -71,12 +71,13 @@ def caption(session: Session, infra: Infra, tenant_id: str, params: CaptionParam
             idempotency_key: str | None) -> tuple[Job, bool]:
     """A caption job with the model asked for, or the tenant's newest captioner (the kind has no built-in)."""
     check_caption_params(params)
-    inputs = image_inputs(session, infra, tenant_id, images)  # a bad image is the first thing to say
+    found = job_images(session, infra, tenant_id, images)  # a bad image is the first thing to say
     # The params stay as sent (`model` null when left out) so a replay matches after a newer captioner;
     # the job records the model it resolved to.
     model = params.model or _newest_captioner(session, tenant_id)
     return submit_job(session, infra, tenant_id, JobRequest(
-        kind=CAPTION, params=params.model_dump(), inputs=inputs, model=model, idempotency_key=idempotency_key))
+        kind=CAPTION, params=params.model_dump(), inputs=as_inputs(found), model=model,
+        idempotency_key=idempotency_key, image_keys=[image.object_key for image in found]))
 
 
 def _check_name(session: Session, tenant_id: str, name: str) -> None:

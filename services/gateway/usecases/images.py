@@ -34,8 +34,12 @@ def image_content(session: Session, infra: Infra, tenant_id: str, image_id: str)
     return image, infra.store.get(image.object_key)
 
 
-def image_inputs(session: Session, infra: Infra, tenant_id: str, images: list[bytes | str]) -> list[dict[str, str]]:
-    """A job's image inputs, in order: uploaded bytes are stored, image ids are checked as the tenant's."""
-    found = [store_image(session, infra, tenant_id, image) if isinstance(image, bytes)
-             else find_image(session, tenant_id, image) for image in images]
-    return [{"image_id": image.id, "sha256": image.sha256} for image in found]
+def job_images(session: Session, infra: Infra, tenant_id: str, images: list[bytes | str]) -> list[Image]:
+    """A job's images, in order: uploaded bytes are stored, image ids are checked as the tenant's."""
+    return [store_image(session, infra, tenant_id, image) if isinstance(image, bytes)
+            else find_image(session, tenant_id, image) for image in images]
+
+
+def as_inputs(images: list[Image]) -> list[dict[str, str]]:
+    """Images as a job's inputs name them (what its row and provenance record)."""
+    return [{"image_id": image.id, "sha256": image.sha256} for image in images]

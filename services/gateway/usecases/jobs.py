@@ -23,7 +23,7 @@ from percept.schemas import JobOut, JobPage
 from percept.services import catalog
 from services.gateway.events import JobEvents, wait_for_change
 from services.gateway.transaction import after_commit, commit
-from services.gateway.usecases.images import image_inputs
+from services.gateway.usecases.images import as_inputs, job_images
 
 # Jobs answered from an earlier job's result, by kind (this gateway process's count; sum the replicas).
 REUSED = Counter("percept_jobs_reused_total", "Jobs answered from an earlier equal job's result, no model run",
@@ -49,6 +49,9 @@ class JobRequest:
     # Images as the request sent them, uploaded bytes or image ids (read_job_request): submit_job stores or checks
     # them as the tenant's, and they become the job's first inputs.
     images: list[bytes | str] = field(default_factory=list)
+    # Where the input images' bytes are (object keys): sent with the task, so the worker can read them while it
+    # claims the job (percept.queue.send_job).
+    image_keys: list[str] = field(default_factory=list)
 
     def reuse_key(self, params: dict[str, Any]) -> str:
         """What makes a deterministic job's result: its kind, resolved parameters (the model's version, the seed)
@@ -69,7 +72,8 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
     result at once, with no model run, unless the request says `Prefer: no-reuse` or `reuse: false`."""
     kind = catalog().kind(request.kind)
     if request.images:
-        request.inputs = [*image_inputs(session, infra, tenant_id, request.images), *request.inputs]
+        found = job_images(session, infra, tenant_id, request.images)
+        request.inputs, request.image_keys = [*as_inputs(found), *request.inputs], [image.object_key for image in found]
         request.images = []
     reuse = (request.params.pop("reuse", True) is not False and not session.info.get(NO_REUSE)
              and infra.settings.result_reuse)
@@ -114,7 +118,7 @@ def submit_job(session: Session, infra: Infra, tenant_id: str, request: JobReque
         REUSED.labels(job.kind).inc()
         after_commit(session, partial(publish_job_event, infra.broker_url, job.id, job.status.value))
         return job, True
-    after_commit(session, partial(_send, session, infra.broker_url, job.kind, job.id, job.priority))
+    after_commit(session, partial(_send, session, infra.broker_url, job.kind, job.id, job.priority, request.image_keys))
     return job, True
 
 
@@ -141,11 +145,12 @@ def set_reuse(session: Session, prefer: str | None) -> None:
         session.info[NO_REUSE] = True
 
 
-def _send(session: Session, broker_url: str, kind: str, job_id: str, priority: str) -> None:
-    """Send the committed job's task. If the broker refuses it, the job is ended (so a late delivery does
-    not run what the client is told failed) and the 503 goes to the client."""
+def _send(session: Session, broker_url: str, kind: str, job_id: str, priority: str,
+          image_keys: list[str] | None = None) -> None:
+    """Send the committed job's task (with its images' keys, when known). If the broker refuses it, the job is
+    ended (so a late delivery does not run what the client is told failed) and the 503 goes to the client."""
     try:
-        send_job(broker_url, kind, job_id, priority)
+        send_job(broker_url, kind, job_id, priority, image_keys=image_keys)
     except DependencyUnavailable:
         job_repo.fail_unsent(session, job_id, "The job queue was unreachable; nothing was run.")
         commit(session)

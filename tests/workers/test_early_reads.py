@@ -1,0 +1,102 @@
+"""A job's images are read while its claim runs: the gateway's task message names where they are, and the worker
+starts reading them from that hint before the claim reads the job's row. The row stays the truth: a hint that names
+other images, or a model that needs another size, is read again, and a job's result is the same either way.
+
+No worker runs on this platform: the test's own runtime (the one every worker runs) takes the jobs the gateway
+queued, as a worker would from the messages it sent."""
+
+import base64
+import json
+
+import pytest
+from skimage import data
+
+from percept.config import Settings
+from percept.infra import resolve_infra
+from percept.queue import priority_lists, redis_client
+from percept.storage import object_key_for
+from tests.conftest import image_bytes
+from tests.own_platform import own_platform
+from workers.runtime import Hints, JobRuntime
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def plat(tmp_path_factory):
+    with own_platform(tmp_path_factory.mktemp("early-reads")) as plat:
+        yield plat
+
+
+@pytest.fixture(scope="module")
+def runtime(plat):
+    return JobRuntime(resolve_infra(Settings(database_url=plat.database_url, broker_url=plat.broker_url,
+                                             storage_url=plat.storage_url)))
+
+
+@pytest.fixture(scope="module")
+def key(plat):
+    return plat.new_key()
+
+
+def classify(plat, key: str, photo: bytes) -> dict:
+    with plat.client(key) as client:
+        answer = client.post("/v1/classify", files={"image": ("photo.jpg", photo, "image/jpeg")},
+                             headers={"Prefer": "no-reuse"})
+    assert answer.status_code == 202, answer.text
+    return answer.json()
+
+
+def message_of(plat, job_id: str) -> tuple[list, dict]:
+    """The (args, kwargs) of the job's task message, as it waits in the broker."""
+    for name in priority_lists("classifier"):
+        for raw in redis_client(plat.broker_url).lrange(name, 0, -1):
+            args, kwargs, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
+            if args == [job_id]:
+                return args, kwargs
+    raise AssertionError(f"no message for job {job_id}")
+
+
+PHOTOS = {name: image_bytes(getattr(data, name)(), "JPEG", quality=90) for name in ("coffee", "chelsea", "rocket")}
+
+
+def test_the_task_message_names_where_the_jobs_image_is(plat, key):
+    job = classify(plat, key, PHOTOS["coffee"])
+    sha256 = job["provenance"]["inputs"][0]["sha256"]
+    assert message_of(plat, job["id"]) == ([job["id"]], {"image_keys": [object_key_for(sha256)]})
+
+
+def test_an_early_read_is_taken_when_the_claim_agrees_and_read_again_when_it_does_not(plat, key, runtime):
+    first, right, wrong = (classify(plat, key, PHOTOS[name]) for name in ("coffee", "chelsea", "rocket"))
+    hint = {job["id"]: message_of(plat, job["id"])[1]["image_keys"] for job in (first, right, wrong)}
+    # Before a first classification the size the model decodes at is unknown: nothing is read early.
+    assert runtime._read_early(Hints("classify", {first["id"]: hint[first["id"]]})) == {}
+    runtime.run([first["id"]], Hints("classify", {first["id"]: hint[first["id"]]}))
+    assert plat.job_row(first["id"]).status.value == "succeeded"
+
+    # Now it is known; the `wrong` job's hint names another job's image (a stale or forged message).
+    early = runtime._read_early(Hints("classify", {right["id"]: hint[right["id"]], wrong["id"]: hint[first["id"]]}))
+    assert set(early) == {right["id"], wrong["id"]}
+    jobs = {job.id: job for job in runtime._claim([right["id"], wrong["id"]])}
+    model = runtime._load_model(jobs[right["id"]].model_row)
+    size = model.predictor.input_size
+    runtime._load_inputs(list(jobs.values()), size, early)
+    right_request, wrong_request = jobs[right["id"]].request, jobs[wrong["id"]].request
+    assert right_request is not None and wrong_request is not None
+    assert right_request.images is early[right["id"]].pictures.result()  # taken as read
+    assert wrong_request.images is not early[wrong["id"]].pictures.result()  # read again, from the job's own row
+    rocket = runtime._read_images(jobs[wrong["id"]].image_keys, size)[0]
+    assert wrong_request.images[0].tobytes() == rocket.tobytes()
+    # At another size than the model's, a read that names the right image is not taken either.
+    other_size = runtime._read_early(Hints("classify", {right["id"]: hint[right["id"]]}))[right["id"]]
+    assert other_size.serves(jobs[right["id"]], size) and not other_size.serves(jobs[right["id"]], size * 2)
+
+
+def test_a_job_run_from_a_wrong_hint_has_the_result_of_its_own_image(plat, key, runtime):
+    plain, misled, coffee = (classify(plat, key, PHOTOS[name]) for name in ("rocket", "rocket", "coffee"))
+    runtime.run([coffee["id"]])  # no hint at all, as the sweeper re-sends a job
+    runtime.run([plain["id"]], Hints("classify", {plain["id"]: message_of(plat, plain["id"])[1]["image_keys"]}))
+    runtime.run([misled["id"]], Hints("classify", {misled["id"]: message_of(plat, coffee["id"])[1]["image_keys"]}))
+    rows = {name: plat.job_row(job["id"]) for name, job in (("plain", plain), ("misled", misled), ("coffee", coffee))}
+    assert {name: row.status.value for name, row in rows.items()} == dict.fromkeys(rows, "succeeded")
+    assert rows["misled"].output == rows["plain"].output != rows["coffee"].output
