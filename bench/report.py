@@ -3,10 +3,12 @@ predictor and the serving frameworks a user would pick instead (bench/serving.py
 repeated classify answered from the first job), then face
 identify at 10k / 100k / 1M (bench/faces.py), captioning and text-to-image throughput and overhead
 (bench/captioner.py, bench/diffusion.py), classifier training time per 1,000 images, each worker's cold start
-and RSS and the gateway's (bench/coldstart.py).
+and RSS and the gateway's (bench/coldstart.py), and what one hand-off to a process that slept costs on this machine
+(bench/handoff.py: the floor under the c=1 time outside the model).
 
 Run: make bench   (or .venv/bin/python bench/report.py [--runs 2] [--seconds 10] [--face-sizes 10000,100000]
-     [--parts serving,reuse,faces,captioning,diffusion,coldstart] [--update-readme] [--device auto|cpu|cuda|cuda:N])
+     [--parts serving,reuse,faces,captioning,diffusion,coldstart,handoff] [--update-readme]
+     [--device auto|cpu|cuda|cuda:N])
 
 The parts' own progress goes to stderr; stdout is the table. The table is also written to
 .data/bench/last-run.md, and with --update-readme into README.md between the bench-table markers.
@@ -26,12 +28,13 @@ import captioner
 import coldstart
 import diffusion
 import faces
+import handoff
 import serving
 from harness import ROOT, add_device_argument, apply_device
 
 from percept.db import faces as face_search
 
-PARTS = ("serving", "reuse", "faces", "captioning", "diffusion", "coldstart")
+PARTS = ("serving", "reuse", "faces", "captioning", "diffusion", "coldstart", "handoff")
 HEADER = ["system / measurement", "c=1 p50", "c=1 p99", "c=1 outside the model", "c=16 throughput",
           "c=16 / direct batch 16", "also"]
 README_START, README_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
@@ -150,6 +153,11 @@ def coldstart_rows(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def handoff_rows(args: argparse.Namespace) -> list[Row]:
+    figures = handoff.measure(200)
+    return [row("one hand-off to another process (round trip, median of 200)", also=handoff.summary(figures))]
+
+
 def machine_line(args: argparse.Namespace, minutes: float, load_at_start: float) -> str:
     import torch
 
@@ -196,7 +204,7 @@ def main() -> None:
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     parts: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
         "serving": serving_rows, "reuse": reuse_rows, "faces": face_rows, "captioning": captioning_rows,
-        "diffusion": diffusion_rows, "coldstart": coldstart_rows}
+        "diffusion": diffusion_rows, "coldstart": coldstart_rows, "handoff": handoff_rows}
     rows: list[Row] = []
     for name in args.parts:
         log(f"part: {name}")
