@@ -45,7 +45,7 @@ from percept.db.session import session_scope
 from percept.services import JobKind
 
 if TYPE_CHECKING:
-    from prometheus_client import Gauge, Histogram
+    from prometheus_client import Counter, Gauge, Histogram
 
     from percept.db.models import Model
     from workers.model_cache import ModelSource
@@ -81,11 +81,12 @@ class WorkerMetrics:
     model_load: "Histogram"
     gpu_memory: "Gauge"
     jobs_running: "Gauge"
+    early_reads: "Counter"
 
 
 @cache
 def metrics() -> WorkerMetrics:
-    from prometheus_client import Gauge, Histogram
+    from prometheus_client import Counter, Gauge, Histogram
 
     # Not in the default registry: /metrics collects every process's files (or, with no directory, nothing).
     return WorkerMetrics(
@@ -96,7 +97,10 @@ def metrics() -> WorkerMetrics:
                          "allocated: by tensors, reserved: by the framework's caching allocator",
                          ["device", "kind"], multiprocess_mode="livesum", registry=None),
         jobs_running=Gauge("percept_worker_jobs_running", "Jobs the worker is running now (each job of a "
-                           "micro-batch counts)", multiprocess_mode="livesum", registry=None))
+                           "micro-batch counts)", multiprocess_mode="livesum", registry=None),
+        early_reads=Counter("percept_worker_early_reads_total", "Jobs whose images were read before their claim, "
+                            "from the keys the task message named, by kind: taken (the claim agreed) or read again "
+                            "(other keys, or the model needed another size)", ["kind", "outcome"], registry=None))
 
 
 def model_label(source: "ModelSource") -> str:
@@ -111,6 +115,11 @@ def model_loaded(source: "ModelSource", device: str, seconds: float) -> None:
     """Called by the model cache when it has loaded a model (`device` as ModelInfo says: "cuda:0 (NVIDIA ...)")."""
     metrics().model_load.labels(model_label(source), device.partition(" ")[0]).observe(seconds)
     sample_gpu_memory()
+
+
+def early_read(kind: str, taken: bool) -> None:
+    """Called by the runtime for each job it had begun reading early (workers.runtime.EarlyRead)."""
+    metrics().early_reads.labels(kind, "taken" if taken else "read_again").inc()
 
 
 def sample_gpu_memory() -> None:

@@ -50,7 +50,7 @@ from percept.schemas import JobOut, Priority
 from percept.services import catalog, import_by_name
 from percept.storage import StoredCache, object_key_for
 from percept.version import code_version, library_versions
-from workers import drain
+from workers import drain, observe
 from workers.model_cache import LoadedModel, ModelCache, ModelSource
 
 log = logging.getLogger(__name__)
@@ -130,18 +130,11 @@ class ClaimedJob:
 
 
 @dataclass
-class Hints:
-    """What a run's messages say of their jobs before the claim reads the rows: the job kind they were sent as,
-    and where each job's images are (object keys, percept.queue.send_job; none for a message without them)."""
-    kind: str
-    image_keys: dict[str, list[str]] = field(default_factory=dict)
-
-
-@dataclass
 class EarlyRead:
-    """A job's images, read and decoded on the decode threads while its claim runs, from the keys its message
-    named and at the size its kind's images were last decoded at. Used only if the claim's own keys and the
-    model's input size turn out the same; otherwise they are read again (the same decode as without it)."""
+    """A job's images, read and decoded on the decode threads before its claim reads its row (from the message's
+    arrival on a batching worker, while the batch gathers), from the keys its message named and at the size its
+    kind's images were last decoded at. Used only if the claim's own keys and the model's input size turn out the
+    same; otherwise they are read again (the same decode as without it)."""
     keys: list[str]
     at_least: int | None
     pictures: Future[list[Image.Image]]
@@ -223,6 +216,7 @@ class JobRuntime:
         self._builtin_rows: dict[str, Model] = {}  # "name:version" -> the registry row of a built-in model
         self._announcing: Future[None] | None = None  # the claim's `running` events, on their way
         self._decoded_at: dict[str, int | None] = {}  # job kind -> the input size its images were last decoded at
+        self._early: dict[str, EarlyRead] = {}  # by job id: reads begun for messages the next run() takes
 
     # 1. Claim (one conditional UPDATE, which also reads where the input images are), then the models
     def _claim(self, job_ids: list[str]) -> list[ClaimedJob]:
@@ -275,14 +269,14 @@ class JobRuntime:
             job.model_row = rows[ref]
 
     # 2. Inputs: the images' bytes, decoded at no more than the size the model needs
-    def _read_early(self, hints: Hints | None) -> dict[str, EarlyRead]:
-        """The hinted jobs' images, set reading on the decode threads before the claim (an EarlyRead each), at the
-        size the kind's last jobs needed; none before a first job of the kind has run, as that size is unknown."""
-        if hints is None or hints.kind not in self._decoded_at:
-            return {}
-        at_least = self._decoded_at[hints.kind]
-        return {job_id: EarlyRead(keys, at_least, decoders().submit(self._read_images, keys, at_least))
-                for job_id, keys in hints.image_keys.items() if keys}
+    def read_early(self, kind: str, job_id: str, image_keys: list[str]) -> None:
+        """Begin reading a job's images on the decode threads from the keys its message named (percept.queue.send_job),
+        for the next run(), at the size the kind's last jobs needed: not before a first job of the kind has run, as
+        that size is unknown until then. Call it on the thread that calls run()."""
+        if image_keys and kind in self._decoded_at and job_id not in self._early:
+            at_least = self._decoded_at[kind]
+            self._early[job_id] = EarlyRead(image_keys, at_least,
+                                            decoders().submit(self._read_images, image_keys, at_least))
 
     def _read_images(self, keys: list[str], at_least: int | None) -> list[Image.Image]:
         return [decode_rgb(self.infra.store.get(key), self.infra.settings.max_image_pixels, at_least=at_least)
@@ -298,9 +292,12 @@ class JobRuntime:
         for job in jobs:
             self._decoded_at[job.kind] = input_size
             read = early.get(job.id)
-            if read is not None and read.serves(job, input_size):
-                reads[job.id] = read.pictures
-            elif len(jobs) > 1:
+            if read is not None:
+                observe.early_read(job.kind, taken=read.serves(job, input_size))
+                if read.serves(job, input_size):
+                    reads[job.id] = read.pictures
+                    continue
+            if len(jobs) > 1:  # one job alone is read on this thread (no trip to a decode thread)
                 reads[job.id] = decoders().submit(self._read_images, job.image_keys, input_size)
         for job in jobs:
             try:
@@ -312,10 +309,10 @@ class JobRuntime:
             except PerceptError as exc:
                 job.error = exc.to_dict()
 
-    def run(self, job_ids: list[str], hints: Hints | None = None) -> None:
-        """Claim the jobs and run those claimed; `hints` lets their images be read while the claim runs."""
+    def run(self, job_ids: list[str]) -> None:
+        """Claim the jobs and run those claimed, taking the reads read_early() began for them."""
         with job_context(job_ids=job_ids, whole_process=True) as log_context:  # every line it causes names the jobs
-            early = self._read_early(hints)
+            early, self._early = self._early, {}
             try:
                 jobs = self._claim(job_ids)
                 log_context.update(job_ids=[job.id for job in jobs], tenant_ids=[job.tenant_id for job in jobs],
@@ -324,7 +321,7 @@ class JobRuntime:
                     self._run_claimed(jobs, early)
             finally:
                 for read in early.values():
-                    read.pictures.cancel()  # one no job took (not claimed, or other keys or size), if not begun
+                    read.pictures.cancel()  # one no job took (not claimed, other keys or size, not run), if not begun
 
     def _run_claimed(self, jobs: list[ClaimedJob], early: dict[str, EarlyRead] | None = None) -> None:
         with Heartbeat(self, jobs) as heartbeat:
