@@ -131,10 +131,9 @@ class ClaimedJob:
 
 @dataclass
 class EarlyRead:
-    """A job's images, read and decoded on the decode threads before its claim reads its row (from the message's
-    arrival on a batching worker, while the batch gathers), from the keys its message named and at the size its
-    kind's images were last decoded at. Used only if the claim's own keys and the model's input size turn out the
-    same; otherwise they are read again (the same decode as without it)."""
+    """A job's images, read and decoded on the decode threads while its claim runs, from the keys its message named
+    and at the size its kind's images were last decoded at. Used only if the claim's own keys and the model's input
+    size turn out the same; otherwise they are read again (the same decode as without it)."""
     keys: list[str]
     at_least: int | None
     pictures: Future[list[Image.Image]]

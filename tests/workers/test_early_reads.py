@@ -10,7 +10,6 @@ import json
 import re
 
 import httpx
-
 import pytest
 from skimage import data
 
@@ -115,8 +114,8 @@ def early_reads(metrics: str) -> dict[str, float]:
     return {outcome: float(value) for outcome, value in found}
 
 
-def test_a_batching_worker_reads_a_jobs_images_as_its_message_arrives(plat, key):
-    """The classifier worker (celery-batches, solo pool) begins each job's read when its message is buffered."""
+def test_a_batching_worker_reads_its_jobs_images_early_from_their_messages(plat, key):
+    """The classifier worker (celery-batches, solo pool) begins each job's read from its message, as its claim runs."""
     port = free_port()
     plat.start_worker("classifier-worker", "classifier", PERCEPT_WORKER_HTTP_PORT=str(port))
     with plat.client(key) as client:
