@@ -1,5 +1,5 @@
 """The broker side of jobs, shared by the gateway and the workers: queues and tasks come from the
-services' declarations (`percept.services`), payloads are a job id.
+services' declarations (`percept.services`), payloads are a job id (with a hint of where its images are).
 
 The gateway sends tasks **by name** with the job id; it never imports a worker's task module. A task may also
 name where the job's images are (`image_keys`): a hint the worker reads them by while it claims the job, so the
