@@ -40,7 +40,7 @@ def round_trip_ms(call: Callable[[], object], gap_ms: float, rounds: int) -> flo
 def measure(rounds: int) -> dict[str, dict[float, float]]:
     """{"postgres": {gap ms: median round trip ms}, "redis": {...}} against freshly started embedded servers."""
     with tempfile.TemporaryDirectory(prefix="percept-handoff-") as tmp:
-        server, url = start_postgres(Path(tmp) / "pg")
+        server, _ = start_postgres(Path(tmp) / "pg")
         process, broker_url = start_redis(Path(tmp) / "redis")
         try:
             with psycopg.connect(server.get_uri(), autocommit=True) as connection:

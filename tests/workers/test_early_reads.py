@@ -26,7 +26,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def plat(tmp_path_factory):
-    with own_platform(tmp_path_factory.mktemp("early-reads")) as plat:
+    # The sweeper is not under test here, and must not act on what the tests hold: a job the test's runtime has
+    # claimed beats on the runtime's own (default) lease, not the 3 s the test default gives the platform, and the
+    # messages read are the gateway's own (the sweeper would send a queued job again after 3 s, with no keys).
+    with own_platform(tmp_path_factory.mktemp("early-reads"), PERCEPT_JOB_LEASE="600",
+                      PERCEPT_REQUEUE_AFTER="600") as plat:
         yield plat
 
 
@@ -36,8 +40,9 @@ def runtime(plat):
                                              storage_url=plat.storage_url)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def key(plat):
+    """A tenant of each test's own: the jobs a test leaves queued or running count against no other's quota."""
     return plat.new_key()
 
 
