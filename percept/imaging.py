@@ -114,13 +114,26 @@ def _reduce(image: Image.Image, at_least: int) -> None:
 
 def inspect_image(data: bytes, max_pixels: int) -> ImageFacts:
     """Validate an upload fully (every byte is decoded once, at the smallest scale) and describe it."""
+    facts = describe_image(data, max_pixels)
+    check_pixels(data, max_pixels)
+    return facts
+
+
+def describe_image(data: bytes, max_pixels: int) -> ImageFacts:
+    """An upload described from its header (the pixel cap checked, EXIF orientation applied) and its sha256; no
+    pixel is decoded, so a corrupt or truncated file passes: check_pixels says that."""
     image = _open(data, max_pixels)
     width, height = _oriented_size(image)
-    _reduce(image, 1)
-    _load(image, max_pixels)
     fmt = image.format or "unknown"
     return ImageFacts(sha256=hashlib.sha256(data).hexdigest(), format=fmt,
                       content_type=ACCEPTED_FORMATS[fmt], width=width, height=height, bytes=len(data))
+
+
+def check_pixels(data: bytes, max_pixels: int) -> None:
+    """Decode every byte of the image once, at the smallest scale; InvalidImage if it is corrupt or truncated."""
+    image = _open(data, max_pixels)
+    _reduce(image, 1)
+    _load(image, max_pixels)
 
 
 def oriented_size(data: bytes, max_pixels: int) -> tuple[int, int]:

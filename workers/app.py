@@ -17,7 +17,7 @@ from percept.infra import Infra
 from percept.queue import make_celery, waiting_messages
 from percept.services import JobKind, WorkerPool, catalog
 from workers import drain, observe
-from workers.runtime import JobRuntime, announcer, decoders
+from workers.runtime import JobRuntime, announcer, beaters, decoders
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def create_worker_app(infra: Infra, pool: WorkerPool) -> Celery:
         _autocommit_factory.cache_clear()
         decoders.cache_clear()  # threads do not survive a fork
         announcer.cache_clear()
+        beaters.cache_clear()
         runtime_holder.clear()
 
     drain.clear()  # this worker process's marker, left in a /tmp that outlived an earlier container

@@ -77,6 +77,13 @@ def announcer() -> ThreadPoolExecutor:
 
 
 @cache
+def beaters() -> ThreadPoolExecutor:
+    """This process's threads for the running jobs' heartbeats (Heartbeat), taken from a pool: starting a thread of
+    its own for every run waited for that thread's first turn on a core."""
+    return ThreadPoolExecutor(max_workers=4, thread_name_prefix="heartbeat")
+
+
+@cache
 def finalizer_of(kind: str) -> Finalizer | None:
     path = catalog().kind(kind).finalizer
     return import_by_name(path) if path else None
@@ -154,7 +161,6 @@ class Heartbeat:
         self._predicting: tuple[float, list[ClaimedJob]] | None = None  # (started, its jobs)
         self._lock = threading.Lock()  # the give-up and the end of a call or of the run: one or the other first
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
 
     @contextmanager
     def predicting(self, jobs: list[ClaimedJob]) -> Iterator[None]:
@@ -195,7 +201,7 @@ class Heartbeat:
         self.runtime._give_up(self.jobs, overdue=call[1], deadline=deadline)
 
     def __enter__(self) -> "Heartbeat":
-        self._thread.start()
+        beaters().submit(self._beat)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Float, Row, bindparam, cast, func, insert, literal_column, null, or_, select, text, update
+from sqlalchemy import Float, Row, bindparam, cast, func, insert, null, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -182,28 +182,27 @@ def list_jobs(session: Session, tenant_id: str, *, kind: str | None = None, stat
     return list(session.scalars(query.order_by(Job.id.desc()).limit(limit)))
 
 
-# What a worker reads of a job it claims (rows, not ORM objects: the hot path builds none).
-# `image_keys`: where the input images' bytes are, in input order (an image deleted meanwhile is left out).
-_IMAGE_KEYS: Any = literal_column(
-    "(SELECT array_agg(images.object_key ORDER BY item.ord) FROM jsonb_array_elements(jobs.inputs) "
-    "WITH ORDINALITY AS item(value, ord) JOIN images ON images.id = item.value ->> 'image_id')").label("image_keys")
+# The two statements every job runs on a worker, its claim and a plain success's write, are SQL as the driver takes
+# it (exec_driver_sql): no compiled-statement lookup or bind processing around them, 0.1-0.3 ms less Python each on
+# a worker whose caches the model's run has just cooled. What a claim reads of a job: rows, not ORM objects (the hot
+# path builds none). `image_keys`: where the input images' bytes are, in input order (an image deleted meanwhile is
+# left out).
 CLAIMED_COLUMNS = ("id", "tenant_id", "kind", "attempts", "model_name", "params", "inputs", "created_at",
                    "started_at", "parent_id", "priority", "deadline_at")
-
-
-_CLAIM = (update(_JOBS)
-          .where(_JOBS.c.id.in_(bindparam("job_ids", expanding=True)), _JOBS.c.status == JobStatus.QUEUED,
-                 _JOBS.c.cancel_requested.is_(False),
-                 or_(_JOBS.c.deadline_at.is_(None), _JOBS.c.deadline_at > func.now()))  # past it: the sweeper ends it
-          .values(status=JobStatus.RUNNING, attempts=_JOBS.c.attempts + 1, worker=bindparam("worker"),
-                  started_at=func.coalesce(_JOBS.c.started_at, func.now()), heartbeat_at=func.now())
-          .returning(*(_JOBS.c[name] for name in CLAIMED_COLUMNS), _IMAGE_KEYS))
+_CLAIM = f"""
+UPDATE jobs SET status = 'running', attempts = attempts + 1, worker = %(worker)s,
+       started_at = coalesce(started_at, now()), heartbeat_at = now()
+WHERE id = ANY(%(job_ids)s::varchar[]) AND status = 'queued' AND NOT cancel_requested
+  AND (deadline_at IS NULL OR deadline_at > now())
+RETURNING {", ".join(CLAIMED_COLUMNS)},
+  (SELECT array_agg(images.object_key ORDER BY item.ord) FROM jsonb_array_elements(jobs.inputs)
+   WITH ORDINALITY AS item(value, ord) JOIN images ON images.id = item.value ->> 'image_id') AS image_keys"""
 
 
 def claim(session: Session, job_ids: list[str], worker: str) -> list[Row[Any]]:
     """queued -> running, attempt + 1, in one statement; the claimed jobs' CLAIMED_COLUMNS and image keys. Jobs
-    that are not queued (done, running, canceled) are left out."""
-    return list(session.execute(_CLAIM, {"job_ids": job_ids, "worker": worker}))
+    that are not queued (done, running, canceled), or past their deadline (the sweeper ends those), are left out."""
+    return list(session.connection().exec_driver_sql(_CLAIM, {"job_ids": job_ids, "worker": worker}))
 
 
 def heartbeat(session: Session, job_ids: list[str], worker: str) -> None:
@@ -248,15 +247,14 @@ def finish(session: Session, job_id: str, attempt: int, status: JobStatus, *,
     return status if rowcount(result) == 1 else None
 
 
-# running -> succeeded for many jobs: one constant statement (compiled once), the batch as parallel arrays.
-_SUCCEED_MANY = text("""
+# running -> succeeded for many jobs: one constant statement, the batch as parallel arrays (driver SQL, as _CLAIM).
+_SUCCEED_MANY = """
 UPDATE jobs SET status = 'succeeded', output = batch.output, error = NULL, finished_at = now(),
        provenance = batch.provenance, search_text = batch.search_text, progress = '{"done": 1, "total": 1}'
-FROM unnest(CAST(:ids AS varchar[]), CAST(:attempts AS integer[]), CAST(:outputs AS jsonb[]),
-            CAST(:provenances AS jsonb[]), CAST(:search_texts AS text[]))
-     AS batch(id, attempt, output, provenance, search_text)
+FROM unnest(%(ids)s::varchar[], %(attempts)s::integer[], %(outputs)s::jsonb[], %(provenances)s::jsonb[],
+            %(search_texts)s::text[]) AS batch(id, attempt, output, provenance, search_text)
 WHERE jobs.id = batch.id AND jobs.status = 'running' AND jobs.attempts = batch.attempt AND NOT jobs.cancel_requested
-RETURNING jobs.id, jobs.finished_at""")
+RETURNING jobs.id, jobs.finished_at"""
 
 
 def succeed_many(session: Session, results: list[tuple[str, int, dict[str, Any] | None, dict[str, Any], str | None]]
@@ -267,7 +265,7 @@ def succeed_many(session: Session, results: list[tuple[str, int, dict[str, Any] 
     if not results:
         return {}
     ids, attempts, outputs, provenances, texts = zip(*results, strict=True)
-    return dict(session.execute(_SUCCEED_MANY, {
+    return dict(session.connection().exec_driver_sql(_SUCCEED_MANY, {
         "ids": list(ids), "attempts": list(attempts), "outputs": [json.dumps(o) for o in outputs],
         "provenances": [json.dumps(p) for p in provenances], "search_texts": list(texts)}).tuples().all())
 
