@@ -65,19 +65,27 @@ def producer(broker_url: str) -> Celery:
     return make_celery(broker_url, name="percept-producer")
 
 
+# The queues this process has declared to its broker (its first send on each does); later sends skip kombu's
+# declaration bookkeeping, as they skip Celery's reprs of the task's arguments (plain repr() does for a job id).
+_declared: set[tuple[str, str]] = set()
+
+
 def send_job(broker_url: str, kind: str, job_id: str, priority: str, countdown: float | None = None,
              image_keys: list[str] | None = None) -> None:
     """Send the job's task by name at its tenant's priority (`high`, `normal`, `low`: the job row's), with the
     object keys of its input images as a hint when the sender knows them; raise DependencyUnavailable when the
     broker does not take it."""
     job_kind = catalog().kind(kind)
+    kwargs = {"image_keys": image_keys} if image_keys else {}
+    declared = (broker_url, job_kind.queue) in _declared
     try:
         producer(broker_url).send_task(
-            job_kind.task, args=[job_id], kwargs={"image_keys": image_keys} if image_keys else None,
-            queue=job_kind.queue, countdown=countdown,
+            job_kind.task, args=[job_id], kwargs=kwargs, queue=job_kind.queue, countdown=countdown,
             priority=PRIORITIES.get(priority, PRIORITIES["normal"]),
             retry=True, retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+            argsrepr=repr([job_id]), kwargsrepr=repr(kwargs), **({"declare": []} if declared else {}),
         )
+        _declared.add((broker_url, job_kind.queue))
     except Exception as exc:  # kombu raises several connection error types
         raise DependencyUnavailable("The job queue is unreachable; retry shortly.",
                                     code="broker_unavailable") from exc

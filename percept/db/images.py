@@ -3,9 +3,9 @@
 from typing import Any
 
 from sqlalchemy import bindparam, select
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from percept.db import driver
 from percept.db.ids import new_id
 from percept.db.models import Image
 from percept.imaging import inspect_image
@@ -20,14 +20,16 @@ def get_images(session: Session, image_ids: list[str]) -> dict[str, Image]:
     return {img.id: img for img in session.scalars(select(Image).where(Image.id.in_(image_ids)))}
 
 
-# One statement, built once: insert unless the tenant has these bytes, then the row inserted, else the one there.
+# One statement (driver SQL: percept.db.driver): insert unless the tenant has these bytes, then the row inserted, else
+# the one there.
 _IMAGES: Any = Image.__table__
 _WRITTEN = tuple(column.key for column in _IMAGES.columns if column.key != "created_at")
+_COLUMNS = ", ".join(column.key for column in _IMAGES.columns)
+_ADD_IMAGE = (f"WITH inserted AS (INSERT INTO images ({', '.join(_WRITTEN)}) VALUES "
+              f"({driver.placeholders(_IMAGES, _WRITTEN)}) ON CONFLICT (tenant_id, sha256) DO NOTHING "
+              f"RETURNING {_COLUMNS}) SELECT {_COLUMNS} FROM inserted UNION ALL SELECT {_COLUMNS} FROM images "
+              "WHERE tenant_id = %(tenant_id)s AND sha256 = %(sha256)s LIMIT 1")
 _SAME = (_IMAGES.c.tenant_id == bindparam("tenant_id"), _IMAGES.c.sha256 == bindparam("sha256"))
-_INSERTED = (insert(_IMAGES).values({key: bindparam(key) for key in _WRITTEN})
-             .on_conflict_do_nothing(index_elements=[_IMAGES.c.tenant_id, _IMAGES.c.sha256])
-             .returning(*_IMAGES.columns).cte("inserted"))
-_ADD_IMAGE = select(_INSERTED).union_all(select(*_IMAGES.columns).where(*_SAME)).limit(1)
 _FIND_IMAGE = select(*_IMAGES.columns).where(*_SAME)
 
 
@@ -36,7 +38,7 @@ def add_image(session: Session, image: Image) -> Image:
     one the session tracks). One statement; a second look only when another request inserted the row meanwhile,
     which the statement's snapshot cannot see."""
     values = {key: getattr(image, key) for key in _WRITTEN}
-    row = session.execute(_ADD_IMAGE, values).first() or session.execute(_FIND_IMAGE, values).one()
+    row = driver.execute(session, _ADD_IMAGE, values).first() or session.execute(_FIND_IMAGE, values).one()
     return Image(**row._mapping)
 
 

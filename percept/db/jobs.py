@@ -10,23 +10,22 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Float, Row, bindparam, cast, func, insert, null, or_, select, update
-from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
+from sqlalchemy import Float, Row, bindparam, cast, func, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from percept.db import driver
 from percept.db.ids import new_id
-from percept.db.models import Job, JobStatus, Model, Priority, Tenant
+from percept.db.models import Job, JobStatus, Priority, Tenant
 from percept.db.session import rowcount
 
 PENDING = (JobStatus.QUEUED, JobStatus.RUNNING)
-# The hot path's statements (submit, claim, finish) are built once, in Core on the table (no ORM unit of work or
-# bulk-update machinery, no objects built), so each run reuses the compiled form without working out its cache
-# key again.
+# The hot path's statements (a job's submit, claim and write) are SQL for the driver (percept.db.driver), built once;
+# the rest are Core or ORM statements. Neither builds ORM objects to write a row.
 _JOBS: Any = Job.__table__
 # What a new job's INSERT writes (the rest are the server's defaults: created_at, queued_at).
 _INSERTED = tuple(column.key for column in _JOBS.columns if column.key not in ("created_at", "queued_at"))
-_INSERT_JOB = insert(_JOBS).returning(_JOBS.c.created_at, _JOBS.c.queued_at)
 IDEMPOTENCY_KEY_INDEX = "uq_jobs_tenant_id_idempotency_key"
 
 
@@ -93,33 +92,35 @@ class Added(enum.Enum):
 
 
 @lru_cache(maxsize=64)
-def _insert_job(names: tuple[str, ...], limited: bool) -> Any:
-    """The INSERT of these columns, built once per set of them. `limited`: only while the tenant has fewer than
-    `pending_limit` jobs queued or running, counted in the INSERT's own snapshot (after lock_submissions' lock:
-    no other submit of the tenant can commit in between), so the quota check costs no round trip of its own."""
+def _insert_job(names: tuple[str, ...], limited: bool) -> str:
+    """The INSERT of these columns (driver SQL: percept.db.driver), built once per set of them. `limited`: only while
+    the tenant has fewer than `pending_limit` jobs queued or running, counted in the INSERT's own snapshot (after
+    lock_submissions' lock: no other submit of the tenant can commit in between), so the quota check costs no round
+    trip of its own."""
+    columns, row = ", ".join(names), driver.placeholders(_JOBS, names)
     if not limited:
-        return _INSERT_JOB
-    values = select(*(bindparam(name, type_=_JOBS.c[name].type) for name in names)).where(
-        _COUNT_PENDING.scalar_subquery() < bindparam("pending_limit"))
-    return insert(_JOBS).from_select(names, values).returning(_JOBS.c.created_at, _JOBS.c.queued_at)
+        return f"INSERT INTO jobs ({columns}) VALUES ({row}) RETURNING created_at, queued_at"
+    pending = ", ".join(f"'{status.value}'" for status in PENDING)
+    return (f"INSERT INTO jobs ({columns}) SELECT {row} WHERE (SELECT count(*) FROM jobs WHERE tenant_id = "
+            f"%(tenant_id)s AND status IN ({pending})) < %(pending_limit)s RETURNING created_at, queued_at")
 
 
 def add_job(session: Session, job: Job, pending_limit: int | None = None) -> Added:
-    """Insert the job (one Core INSERT: `job` stays a plain object, not one the session tracks; it gets the row's
+    """Insert the job (one INSERT: `job` stays a plain object, not one the session tracks; it gets the row's
     server defaults). KEY_TAKEN when the tenant's Idempotency-Key is already taken, by a concurrent request too
     (the insert waits for it to commit); only the savepoint is undone then, not the caller's work. Without a key
     nothing can collide: no savepoint round trips. `pending_limit` (under lock_submissions' lock): QUOTA_FULL, and
     nothing inserted, when the tenant already has that many jobs queued or running."""
-    values = {name: value for name in _INSERTED if (value := getattr(job, name)) is not None}
+    values = driver.values(_JOBS, {name: value for name in _INSERTED if (value := getattr(job, name)) is not None})
     statement = _insert_job(tuple(values), pending_limit is not None)
     if pending_limit is not None:
         values["pending_limit"] = pending_limit
     if job.idempotency_key is None:
-        row = session.execute(statement, values).first()
+        row = driver.execute(session, statement, values).first()
     else:
         try:
             with session.begin_nested():
-                row = session.execute(statement, values).first()
+                row = driver.execute(session, statement, values).first()
         except IntegrityError as exc:
             if getattr(getattr(exc.orig, "diag", None), "constraint_name", None) != IDEMPOTENCY_KEY_INDEX:
                 raise
@@ -130,17 +131,12 @@ def add_job(session: Session, job: Job, pending_limit: int | None = None) -> Add
     return Added.ADDED
 
 
-def _submission_lock(versions: bool) -> Any:
-    tenant_id: Any = bindparam("tenant_id")
-    versions_of_model = (select(func.array_agg(aggregate_order_by(Model.version, Model.id)))
-                         .where(or_(Model.tenant_id.is_(None), Model.tenant_id == tenant_id),
-                                Model.name == bindparam("name"), Model.kind == bindparam("kind")).scalar_subquery())
-    return select(func.pg_advisory_xact_lock(func.hashtext(bindparam("lock_key"))),
-                  select(Tenant.priority).where(Tenant.id == tenant_id).scalar_subquery(),
-                  versions_of_model if versions else null())
-
-
-_LOCK = {False: _submission_lock(False), True: _submission_lock(True)}
+# The tenant's submit lock, its priority and (with a model) the versions of that model it may use, in one round trip.
+_LOCK = {versions: "SELECT pg_advisory_xact_lock(hashtext(%(lock_key)s)), (SELECT priority FROM tenants WHERE id = "
+                   "%(tenant_id)s), " + ("(SELECT array_agg(version ORDER BY id) FROM models WHERE (tenant_id IS NULL "
+                                         "OR tenant_id = %(tenant_id)s) AND name = %(name)s AND kind = %(kind)s)"
+                                         if versions else "NULL")
+         for versions in (False, True)}
 _COUNT_PENDING = select(func.count()).select_from(_JOBS).where(_JOBS.c.tenant_id == bindparam("tenant_id"),
                                                                  _JOBS.c.status.in_(PENDING))
 
@@ -155,7 +151,7 @@ def lock_submissions(session: Session, tenant_id: str, model: tuple[str, str] | 
     params = {"lock_key": f"jobs/{tenant_id}", "tenant_id": tenant_id}
     if model is not None:
         params |= {"name": model[0], "kind": model[1]}
-    _, priority, found = session.execute(_LOCK[model is not None], params).one()
+    _, priority, found = driver.execute(session, _LOCK[model is not None], params).one()
     return priority or Priority.NORMAL.value, found or []
 
 
@@ -182,11 +178,9 @@ def list_jobs(session: Session, tenant_id: str, *, kind: str | None = None, stat
     return list(session.scalars(query.order_by(Job.id.desc()).limit(limit)))
 
 
-# The two statements every job runs on a worker, its claim and a plain success's write, are SQL as the driver takes
-# it (exec_driver_sql): no compiled-statement lookup or bind processing around them, 0.1-0.3 ms less Python each on
-# a worker whose caches the model's run has just cooled. What a claim reads of a job: rows, not ORM objects (the hot
-# path builds none). `image_keys`: where the input images' bytes are, in input order (an image deleted meanwhile is
-# left out).
+# What a claim reads of a job (driver SQL, as every statement of a job's submit, claim and write: percept.db.driver):
+# rows, not ORM objects (the hot path builds none). `image_keys`: where the input images' bytes are, in input order
+# (an image deleted meanwhile is left out).
 CLAIMED_COLUMNS = ("id", "tenant_id", "kind", "attempts", "model_name", "params", "inputs", "created_at",
                    "started_at", "parent_id", "priority", "deadline_at")
 _CLAIM = f"""
@@ -202,7 +196,7 @@ RETURNING {", ".join(CLAIMED_COLUMNS)},
 def claim(session: Session, job_ids: list[str], worker: str) -> list[Row[Any]]:
     """queued -> running, attempt + 1, in one statement; the claimed jobs' CLAIMED_COLUMNS and image keys. Jobs
     that are not queued (done, running, canceled), or past their deadline (the sweeper ends those), are left out."""
-    return list(session.connection().exec_driver_sql(_CLAIM, {"job_ids": job_ids, "worker": worker}))
+    return list(driver.execute(session, _CLAIM, {"job_ids": job_ids, "worker": worker}))
 
 
 def heartbeat(session: Session, job_ids: list[str], worker: str) -> None:
@@ -247,7 +241,7 @@ def finish(session: Session, job_id: str, attempt: int, status: JobStatus, *,
     return status if rowcount(result) == 1 else None
 
 
-# running -> succeeded for many jobs: one constant statement, the batch as parallel arrays (driver SQL, as _CLAIM).
+# running -> succeeded for many jobs: one constant statement, the batch as parallel arrays.
 _SUCCEED_MANY = """
 UPDATE jobs SET status = 'succeeded', output = batch.output, error = NULL, finished_at = now(),
        provenance = batch.provenance, search_text = batch.search_text, progress = '{"done": 1, "total": 1}'
@@ -265,7 +259,7 @@ def succeed_many(session: Session, results: list[tuple[str, int, dict[str, Any] 
     if not results:
         return {}
     ids, attempts, outputs, provenances, texts = zip(*results, strict=True)
-    return dict(session.connection().exec_driver_sql(_SUCCEED_MANY, {
+    return dict(driver.execute(session, _SUCCEED_MANY, {
         "ids": list(ids), "attempts": list(attempts), "outputs": [json.dumps(o) for o in outputs],
         "provenances": [json.dumps(p) for p in provenances], "search_texts": list(texts)}).tuples().all())
 
