@@ -8,7 +8,7 @@ The placeholders are cast to the columns' own types, read off the models, so the
 
 import enum
 import json
-from typing import Any, Unpack
+from typing import Any
 
 from sqlalchemy import CursorResult, Table
 from sqlalchemy.dialects import postgresql
@@ -30,6 +30,6 @@ def values(table: Table, row: dict[str, Any]) -> dict[str, Any]:
             for name, value in row.items()}
 
 
-def execute(session: Session, sql: str, params: dict[str, Any]) -> CursorResult[Unpack[tuple[Any, ...]]]:
+def execute(session: Session, sql: str, params: dict[str, Any]) -> CursorResult[*tuple[Any, ...]]:
     """Run `sql` (pyformat placeholders) on the session's connection, in its transaction."""
     return session.connection().exec_driver_sql(sql, params)
