@@ -2,6 +2,8 @@
 the webhook outbox's trigger still firing for each job), an upload's image row in one round trip, the quota checked
 inside the job's INSERT; and pooled connections pinged only once they have sat idle."""
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.pool import NullPool
@@ -110,6 +112,31 @@ def kill_backend(database_url: str, pid: int) -> None:
     with engine.connect() as connection:
         assert connection.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
     engine.dispose()
+
+
+def test_a_job_row_is_written_as_given_through_the_driver_sql(database_url):
+    """add_job's INSERT is driver SQL (percept.db.driver): JSON columns go as JSON text, the status enum as its value,
+    times as they are, and the row read back through the ORM is the job that was added."""
+    with session_scope(database_url) as session:
+        tenant, _ = create_key(session, "hot-driver")
+        deadline = datetime.now(UTC) + timedelta(hours=1)
+        params = {"model": "m:1", "nested": {"é": [1, 2.5, None, True]}, "text": "it's 100% \"quoted\""}
+        inputs = [{"image_id": "img_x", "sha256": "ab" * 32}]
+        queued = job_repo.queued_job(tenant.id, "classify", "classifier", params, inputs, idempotency_key="k-1",
+                                     priority="high", deadline_at=deadline, reuse_key="r" * 64)
+        assert job_repo.add_job(session, queued, pending_limit=5) is job_repo.Added.ADDED
+        ended = job_repo.reused_job(job_repo.queued_job(tenant.id, "classify", "classifier", params, inputs), queued)
+        ended.output = {"labels": [{"label": "cup", "score": 0.5}]}
+        assert job_repo.add_job(session, ended) is job_repo.Added.ADDED
+        session.commit()
+    with session_scope(database_url) as session:
+        row = session.get(Job, queued.id)
+        assert row is not None and row.status is JobStatus.QUEUED and row.created_at == queued.created_at
+        assert (row.params, row.inputs, row.provenance) == (params, inputs, {"inputs": inputs, "seed": None})
+        assert (row.priority, row.deadline_at, row.idempotency_key, row.output) == ("high", deadline, "k-1", None)
+        done = session.get(Job, ended.id)
+        assert done is not None and done.status is JobStatus.SUCCEEDED and done.output == ended.output
+        assert done.provenance["reused_from"] == queued.id and done.finished_at == ended.finished_at
 
 
 def test_a_dead_connection_idle_past_the_ping_threshold_is_replaced_before_use(database_url, monkeypatch):

@@ -105,6 +105,20 @@ def test_hostile_uploads_get_a_clear_4xx(api, name):
     assert api.get("/healthz").status_code == 200
 
 
+def test_a_corrupt_upload_is_said_before_a_later_input_error_and_leaves_no_image(api):
+    """An upload's pixels are checked on a thread while its row is written: a truncated first image is still what
+    the request is told about, before the second image's own error, and its row is rolled back with the request."""
+    response = api.post("/v1/faces/verify", files={"image_a": ("a.jpg", _truncated_jpeg())},
+                        data={"image_b": "img_no_such_image"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "corrupt_image"
+    response = api.post("/v1/faces/verify", files={"image_a": ("a.jpg", image_bytes(_rgb(), "JPEG"))},
+                        data={"image_b": "img_no_such_image"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "image_not_found"
+    # neither request left an image row: each went with its request's error
+    assert [image["sha256"] for image in api.get("/v1/images").json()["data"]] == []
+
+
 def test_image_just_over_byte_cap_inside_body_limit(api):
     # 2 MB + a little: under the request cap (which allows multipart overhead), over the image cap.
     data = BytesIO(b"\x89PNG" + bytes(2 * 1024 * 1024 + 100))
