@@ -65,8 +65,9 @@ def producer(broker_url: str) -> Celery:
     return make_celery(broker_url, name="percept-producer")
 
 
-# The queues this process has declared to its broker (its first send on each does); later sends skip kombu's
-# declaration bookkeeping, as they skip Celery's reprs of the task's arguments (plain repr() does for a job id).
+# The queues this process has declared to its broker: its first send to each declares it, later ones skip kombu's
+# declaration bookkeeping. Every send gives Celery the arguments' reprs (plain repr() of a job id and object keys)
+# instead of its own safe repr.
 _declared: set[tuple[str, str]] = set()
 
 

@@ -25,9 +25,15 @@ def placeholders(table: Table, names: tuple[str, ...]) -> str:
 
 def values(table: Table, row: dict[str, Any]) -> dict[str, Any]:
     """A row's values as the driver binds them to `placeholders`: JSON columns as JSON text, enums as their values."""
-    return {name: None if value is None else json.dumps(value) if isinstance(table.c[name].type, JSON)
-            else value.value if isinstance(value, enum.Enum) else value
-            for name, value in row.items()}
+    return {name: _bound(table.c[name].type, value) for name, value in row.items()}
+
+
+def _bound(column_type: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(column_type, JSON):
+        return json.dumps(value)
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def execute(session: Session, sql: str, params: dict[str, Any]) -> CursorResult[*tuple[Any, ...]]:

@@ -132,11 +132,11 @@ def add_job(session: Session, job: Job, pending_limit: int | None = None) -> Add
 
 
 # The tenant's submit lock, its priority and (with a model) the versions of that model it may use, in one round trip.
-_LOCK = {versions: "SELECT pg_advisory_xact_lock(hashtext(%(lock_key)s)), (SELECT priority FROM tenants WHERE id = "
-                   "%(tenant_id)s), " + ("(SELECT array_agg(version ORDER BY id) FROM models WHERE (tenant_id IS NULL "
-                                         "OR tenant_id = %(tenant_id)s) AND name = %(name)s AND kind = %(kind)s)"
-                                         if versions else "NULL")
-         for versions in (False, True)}
+_LOCK_SQL = ("SELECT pg_advisory_xact_lock(hashtext(%(lock_key)s)), "
+             "(SELECT priority FROM tenants WHERE id = %(tenant_id)s), {versions}")
+_VERSIONS = ("(SELECT array_agg(version ORDER BY id) FROM models "
+             "WHERE (tenant_id IS NULL OR tenant_id = %(tenant_id)s) AND name = %(name)s AND kind = %(kind)s)")
+_LOCK = {False: _LOCK_SQL.format(versions="NULL"), True: _LOCK_SQL.format(versions=_VERSIONS)}
 _COUNT_PENDING = select(func.count()).select_from(_JOBS).where(_JOBS.c.tenant_id == bindparam("tenant_id"),
                                                                  _JOBS.c.status.in_(PENDING))
 
